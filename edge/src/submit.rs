@@ -1,0 +1,143 @@
+//! The common path of both edges: turn an accepted submission into spool messages, make
+//! them durable, then write `processed` events.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_events::{Event, EventKind, EventLog};
+use sluice_spool::{now_ms, Message, MessageId, MessageMeta, Recipient, Spool, SpoolError};
+
+/// One message as a client submitted it: an envelope and a complete RFC 5322 body.
+#[derive(Clone, Debug, Default)]
+pub struct Submission {
+    pub tenant: String,
+    /// MAIL FROM (empty for the null reverse-path).
+    pub mail_from: String,
+    /// RCPT TO addresses; every one contains an `@`.
+    pub recipients: Vec<String>,
+    /// The message with CRLF line endings, headers included.
+    pub body: Bytes,
+    /// The Message-ID header value, `<...>`.
+    pub smtp_id: String,
+    pub categories: Vec<String>,
+    pub custom_args: BTreeMap<String, String>,
+    pub ip_pool: Option<String>,
+    /// Do not deliver before this time (unix seconds).
+    pub send_at: Option<u64>,
+}
+
+/// The domain part of an address, lower-cased: the spool queue it goes to.
+pub fn recipient_domain(address: &str) -> Option<String> {
+    let (_, domain) = address.rsplit_once('@')?;
+    let d = domain.trim_end_matches('>').trim().trim_end_matches('.').to_ascii_lowercase();
+    (!d.is_empty()).then_some(d)
+}
+
+/// Writes submissions into the spool. Shared by the HTTP and SMTP edges.
+#[derive(Clone)]
+pub struct Ingest {
+    spool: Arc<dyn Spool>,
+    events: EventLog,
+    /// How long the MTA keeps retrying before it gives up (sets each message's expiry).
+    max_age: Duration,
+}
+
+impl Ingest {
+    pub fn new(spool: Arc<dyn Spool>, events: EventLog, max_age: Duration) -> Self {
+        Ingest { spool, events, max_age }
+    }
+
+    /// Splits each submission into one spool message per recipient domain (so each is
+    /// delivered over one connection and paced per destination), enqueues them all in one
+    /// durable batch and writes a `processed` event per recipient. Returns the spool ids.
+    ///
+    /// When this returns `Ok`, every message is durable and the client may be answered.
+    pub async fn accept(&self, x_message_id: &str, subs: Vec<Submission>) -> Result<Vec<MessageId>, SpoolError> {
+        let now = now_ms();
+        let mut batch = Vec::new();
+        for sub in subs {
+            let mut by_domain: BTreeMap<String, Vec<Recipient>> = BTreeMap::new();
+            for r in &sub.recipients {
+                let Some(domain) = recipient_domain(r) else { continue };
+                by_domain.entry(domain).or_default().push(Recipient::pending(r.clone()));
+            }
+            let due = sub.send_at.map(|s| s.saturating_mul(1000)).unwrap_or(now).max(now);
+            for (queue, recipients) in by_domain {
+                let id = MessageId::new();
+                batch.push(Message {
+                    meta: MessageMeta {
+                        id,
+                        queue,
+                        tenant: sub.tenant.clone(),
+                        mail_from: sub.mail_from.clone(),
+                        recipients,
+                        x_message_id: x_message_id.to_string(),
+                        smtp_id: sub.smtp_id.clone(),
+                        categories: sub.categories.clone(),
+                        custom_args: sub.custom_args.clone(),
+                        ip_pool: sub.ip_pool.clone(),
+                        created_at: now,
+                        due_at: due,
+                        expires_at: due + self.max_age.as_millis() as u64,
+                        attempts: 0,
+                        last_reply: None,
+                        prepend_headers: None,
+                    },
+                    body: sub.body.clone(),
+                });
+            }
+        }
+        let ids: Vec<MessageId> = batch.iter().map(|m| m.id()).collect();
+        let metas: Vec<MessageMeta> = batch.iter().map(|m| m.meta.clone()).collect();
+        self.spool.enqueue(batch).await?;
+        metrics::counter!("sluice_received_messages_total").increment(ids.len() as u64);
+        for meta in &metas {
+            for r in &meta.recipients {
+                self.events.emit(Event::new(EventKind::Processed, meta, r)).await;
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn spool(&self) -> &Arc<dyn Spool> {
+        &self.spool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_spool::{LeaseRequest, LocalSpool, LocalSpoolOptions};
+
+    #[tokio::test]
+    async fn splits_by_domain_and_enqueues_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool: Arc<dyn Spool> = Arc::new(LocalSpool::open(LocalSpoolOptions::new(dir.path())).unwrap());
+        let ingest = Ingest::new(spool.clone(), EventLog::disabled(), Duration::from_secs(3600));
+        let sub = Submission {
+            tenant: "t".into(),
+            mail_from: "s@example.org".into(),
+            recipients: vec!["a@Gmail.com".into(), "b@gmail.com".into(), "c@yahoo.com".into()],
+            body: Bytes::from_static(b"Subject: x\r\n\r\nhi\r\n"),
+            smtp_id: "<x@y>".into(),
+            ..Default::default()
+        };
+        let ids = ingest.accept("XID", vec![sub]).await.unwrap();
+        assert_eq!(ids.len(), 2);
+        let mut leased = spool.lease(LeaseRequest::new(10, Duration::from_secs(60))).await.unwrap();
+        leased.sort_by(|a, b| a.meta.queue.cmp(&b.meta.queue));
+        assert_eq!(leased[0].meta.queue, "gmail.com");
+        assert_eq!(leased[0].meta.recipients.len(), 2);
+        assert_eq!(leased[1].meta.queue, "yahoo.com");
+        assert_eq!(leased[1].meta.x_message_id, "XID");
+    }
+
+    #[test]
+    fn domains_are_lower_cased() {
+        assert_eq!(recipient_domain("A@Example.COM").as_deref(), Some("example.com"));
+        assert_eq!(recipient_domain("nodomain"), None);
+        assert_eq!(recipient_domain("a@"), None);
+    }
+}
