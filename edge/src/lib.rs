@@ -3,6 +3,8 @@
 //! and only then acknowledges them. It knows nothing about delivery.
 
 pub mod auth;
+pub mod http;
+pub mod smtp;
 pub mod submit;
 
 pub use auth::{ApiKeyConfig, ApiKeys, Tenant};

@@ -1,0 +1,1 @@
+//! The SMTP relay for legacy applications.
