@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 use sluice_events::{Event, EventKind, EventLog};
 use sluice_spool::{now_ms, Message, MessageId, MessageMeta, Recipient, Spool, SpoolError};
 
@@ -42,11 +43,19 @@ pub struct Ingest {
     events: EventLog,
     /// How long the MTA keeps retrying before it gives up (sets each message's expiry).
     max_age: Duration,
+    /// Woken after each accepted batch, so idle delivery workers in this process start at once.
+    waker: Option<Arc<Notify>>,
 }
 
 impl Ingest {
     pub fn new(spool: Arc<dyn Spool>, events: EventLog, max_age: Duration) -> Self {
-        Ingest { spool, events, max_age }
+        Ingest { spool, events, max_age, waker: None }
+    }
+
+    /// Notifies `waker` whenever mail was accepted (the MTA of the same process listens).
+    pub fn with_waker(mut self, waker: Arc<Notify>) -> Self {
+        self.waker = Some(waker);
+        self
     }
 
     /// Splits each submission into one spool message per recipient domain (so each is
@@ -93,6 +102,9 @@ impl Ingest {
         let metas: Vec<MessageMeta> = batch.iter().map(|m| m.meta.clone()).collect();
         self.spool.enqueue(batch).await?;
         metrics::counter!("sluice_received_messages_total").increment(ids.len() as u64);
+        if let Some(w) = &self.waker {
+            w.notify_waiters();
+        }
         for meta in &metas {
             for r in &meta.recipients {
                 self.events.emit(Event::new(EventKind::Processed, meta, r)).await;
