@@ -103,7 +103,7 @@ impl Ingest {
         self.spool.enqueue(batch).await?;
         metrics::counter!("sluice_received_messages_total").increment(ids.len() as u64);
         if let Some(w) = &self.waker {
-            w.notify_waiters();
+            w.notify_one();
         }
         for meta in &metas {
             for r in &meta.recipients {
