@@ -158,7 +158,9 @@ PY
 
 wait_ready() {
   local deadline=$((SECONDS + ${SLUICE_CEPH_TIMEOUT:-180}))
-  until ready; do
+  # Status alone can be stale right after a restart (the mon remembers OSDs as up), so a
+  # replicated probe write must succeed too.
+  until ready && timeout 10 rados -c "$CONF" -p "$POOL" put sluice-ready-probe /dev/null 2>/dev/null; do
     if [ $SECONDS -ge $deadline ]; then
       log "cluster not ready after ${SLUICE_CEPH_TIMEOUT:-180} s:"; ceph -c "$CONF" status >&2 || true; exit 1
     fi

@@ -1,1 +1,70 @@
-fn main() {}
+//! The `sluice` binary: runs the edge and/or the MTA (`sluice serve`) and the operators'
+//! tools (`sluice apikey`, `sluice config check`).
+
+mod apikey;
+mod config;
+mod serve;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "A high-throughput mail transfer agent with a replicated spool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Accept mail over HTTP and SMTP and deliver it. With no config file: local spool under
+    /// ./sluice-data, HTTP on 127.0.0.1:8025, SMTP on 127.0.0.1:2525, metrics on 127.0.0.1:9025.
+    Serve {
+        /// A sluice.toml file (see docs/sluice.example.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Run only part of sluice (overrides `role` in the config).
+        #[arg(long, value_enum)]
+        role: Option<config::Role>,
+        /// Where the local spool and event log live (overrides `data_dir`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Create or hash API keys for the `[[api_keys]]` config section.
+    Apikey {
+        #[command(subcommand)]
+        command: apikey::ApiKeyCommand,
+    },
+    /// Check a config file and exit: prints the first bad key and why.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a sluice.toml.
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, role, data_dir } => serve::run(config, role, data_dir),
+        Command::Apikey { command } => apikey::run(command),
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            config::Config::load(Some(&file)).map(|_| println!("{}: ok", file.display())).map_err(Into::into)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
