@@ -15,10 +15,15 @@ mod local;
 mod model;
 mod spool;
 
+#[cfg(feature = "rados")]
+pub mod rados;
+
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
 pub use error::SpoolError;
 pub use local::{LocalSpool, LocalSpoolOptions};
 pub use model::{now_ms, Message, MessageId, MessageMeta, Recipient, RecipientState};
+#[cfg(feature = "rados")]
+pub use rados::{RadosSpool, RadosSpoolOptions};
 pub use spool::{Lease, LeaseRequest, Leased, QueueFilter, Spool, SpoolCounts};

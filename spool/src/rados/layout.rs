@@ -1,0 +1,121 @@
+//! How the spool is laid out in a RADOS pool. Documented in docs/architecture.md.
+//!
+//! Objects:
+//! - `sluice.meta`: omap `shards` = the number of index shards (fixed when the pool is first used).
+//! - `sluice.workers`: omap, one key per live MTA process (its lock cookie) → heartbeat time.
+//! - `sluice.shard.NNNN`: one index shard. Its omap holds
+//!   - `i<queue>|<due, 16 hex>|<id>` → [`IndexValue`]: the queue index, sorted by queue, then
+//!     due time, then id, so one prefix scan yields a queue's due messages oldest first;
+//!   - `m<id>` → the message's current `i` key (to find a message by id);
+//!   - `q<queue>` → a token rewritten on every insert: the shard's queue directory.
+//!   The shard's owner holds the exclusive cls_lock `sluice-owner` on this object.
+//! - `sluice.msg.NNNN.<id>`: a message body (the RFC 5322 bytes), NNNN its index shard.
+
+use crate::{MessageId, MessageMeta, SpoolError};
+
+pub const META_OBJECT: &str = "sluice.meta";
+pub const WORKERS_OBJECT: &str = "sluice.workers";
+pub const BODY_PREFIX: &str = "sluice.msg.";
+pub const OWNER_LOCK: &str = "sluice-owner";
+
+pub fn shard_object(shard: u32) -> String {
+    format!("sluice.shard.{shard:04}")
+}
+
+pub fn body_object(shard: u32, id: MessageId) -> String {
+    format!("{BODY_PREFIX}{shard:04}.{id}")
+}
+
+/// Parses `sluice.msg.NNNN.<id>`.
+pub fn parse_body_object(name: &str) -> Option<(u32, MessageId)> {
+    let rest = name.strip_prefix(BODY_PREFIX)?;
+    let (shard, id) = rest.split_once('.')?;
+    Some((shard.parse().ok()?, id.parse().ok()?))
+}
+
+pub fn queue_prefix(queue: &str) -> String {
+    format!("i{queue}|")
+}
+
+pub fn index_key(queue: &str, due: u64, id: MessageId) -> String {
+    format!("i{queue}|{due:016x}|{id}")
+}
+
+pub struct IndexKey {
+    pub queue: String,
+    pub due: u64,
+    pub id: MessageId,
+}
+
+pub fn parse_index_key(k: &[u8]) -> Option<IndexKey> {
+    let s = std::str::from_utf8(k).ok()?.strip_prefix('i')?;
+    let mut parts = s.rsplitn(3, '|');
+    let id = parts.next()?.parse().ok()?;
+    let due = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let queue = parts.next()?.to_string();
+    Some(IndexKey { queue, due, id })
+}
+
+pub fn id_key(id: MessageId) -> String {
+    format!("m{id}")
+}
+
+pub fn dir_key(queue: &str) -> String {
+    format!("q{queue}")
+}
+
+/// The value of an `i` key: a fixed header, then the message metadata as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexValue {
+    pub attempts: u32,
+    pub leased: bool,
+    pub body_len: u64,
+    pub meta: MessageMeta,
+}
+
+const HEADER: usize = 4 + 1 + 8;
+
+impl IndexValue {
+    pub fn encode(&self) -> Result<Vec<u8>, SpoolError> {
+        let mut v = Vec::with_capacity(HEADER + 512);
+        v.extend_from_slice(&self.attempts.to_be_bytes());
+        v.push(self.leased as u8);
+        v.extend_from_slice(&self.body_len.to_be_bytes());
+        serde_json::to_writer(&mut v, &self.meta).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        Ok(v)
+    }
+
+    pub fn decode(v: &[u8]) -> Result<IndexValue, SpoolError> {
+        let corrupt = |reason: String| SpoolError::Corrupt { what: "rados index value".into(), reason };
+        if v.len() < HEADER {
+            return Err(corrupt(format!("{} bytes", v.len())));
+        }
+        Ok(IndexValue {
+            attempts: u32::from_be_bytes(v[0..4].try_into().expect("4 bytes")),
+            leased: v[4] != 0,
+            body_len: u64::from_be_bytes(v[5..13].try_into().expect("8 bytes")),
+            meta: serde_json::from_slice(&v[HEADER..]).map_err(|e| corrupt(e.to_string()))?,
+        })
+    }
+
+    /// Only the header, for counting without decoding JSON.
+    pub fn decode_header(v: &[u8]) -> Option<(u32, bool)> {
+        (v.len() >= HEADER).then(|| (u32::from_be_bytes(v[0..4].try_into().expect("4 bytes")), v[4] != 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_sort_by_due() {
+        let id = MessageId::new();
+        let k = index_key("mx.example.com", 0x1234, id);
+        let p = parse_index_key(k.as_bytes()).unwrap();
+        assert_eq!((p.queue.as_str(), p.due, p.id), ("mx.example.com", 0x1234, id));
+        assert!(index_key("a.com", 9, id) < index_key("a.com", 10, id));
+        assert!(k.starts_with(&queue_prefix("mx.example.com")));
+        assert_eq!(parse_body_object(&body_object(7, id)), Some((7, id)));
+    }
+}

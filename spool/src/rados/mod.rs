@@ -1,0 +1,689 @@
+//! The RADOS spool: one queue in a replicated Ceph pool, shared by every edge and MTA process.
+//!
+//! - Edges write each message's body as its own object (asynchronously, all in flight at
+//!   once), then add the batch's index entries to one index shard in a single omap write.
+//!   Index writes to a shard are group-committed: entries that arrive while a write is in
+//!   flight go out together in the next one. `enqueue` returns only after RADOS acknowledged
+//!   the replicated writes.
+//! - MTA processes own shards ([`shards`]) and lease from their own shards only; leasing moves
+//!   index entries to the lease deadline (so a dead worker's messages come back by
+//!   themselves), rescheduling moves them to the next attempt, completing removes them. Each
+//!   of these is one atomic omap write that also asserts the shard lock.
+//! - A sweeper removes orphans: bodies whose index entry is gone (a crash between writing the
+//!   body and the index, or between removing them), and index entries whose body is gone.
+//!
+//! The layout is in [`layout`]; all `unsafe` is in [`client`].
+
+mod client;
+mod ffi;
+mod layout;
+mod shards;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+
+pub use client::{ConnectOptions, RadosError};
+use client::{OmapQuery, Rados, WriteOp};
+use layout::*;
+use shards::Ownership;
+
+use crate::spool::{Lease, LeaseRequest, Leased, Spool, SpoolCounts};
+use crate::{now_ms, Message, MessageId, MessageMeta, SpoolError};
+
+impl From<RadosError> for SpoolError {
+    fn from(e: RadosError) -> Self {
+        if e.is_unavailable() {
+            SpoolError::Unavailable(e.to_string())
+        } else {
+            SpoolError::Storage(e.to_string())
+        }
+    }
+}
+
+/// Options for [`RadosSpool::open`].
+#[derive(Clone, Debug)]
+pub struct RadosSpoolOptions {
+    /// ceph.conf of the cluster (its keyring is found through it).
+    pub conf: PathBuf,
+    pub pool: String,
+    /// The cephx user, without `client.`.
+    pub user: String,
+    /// A RADOS namespace inside the pool, to run several independent spools in one pool.
+    pub namespace: Option<String>,
+    /// Number of index shards; used only when the spool is first created in the pool.
+    pub shards: u32,
+    /// Timeout of every RADOS operation: an unhealthy or full cluster fails writes after this
+    /// long (the edge answers 4xx/503) instead of hanging.
+    pub op_timeout: Duration,
+    /// Take part in delivery: own shards and lease from them (MTA role). Edge-only processes
+    /// only enqueue.
+    pub own_shards: bool,
+    /// How long a shard lock lasts without renewal: the time to take over a dead worker's shards.
+    pub shard_lease: Duration,
+    /// How often the sweeper looks for orphaned objects (0 = never).
+    pub sweep_interval: Duration,
+    /// An orphaned body is removed only when it is older than this (longer than any enqueue).
+    pub orphan_age: Duration,
+}
+
+impl RadosSpoolOptions {
+    pub fn new(conf: impl Into<PathBuf>, pool: impl Into<String>) -> Self {
+        RadosSpoolOptions {
+            conf: conf.into(),
+            pool: pool.into(),
+            user: "admin".into(),
+            namespace: None,
+            shards: 16,
+            op_timeout: Duration::from_secs(10),
+            own_shards: true,
+            shard_lease: Duration::from_secs(15),
+            sweep_interval: Duration::from_secs(600),
+            orphan_age: Duration::from_secs(600),
+        }
+    }
+}
+
+struct LeaseState {
+    token: u64,
+    shard: u32,
+    /// The index key while leased (due = the lease deadline).
+    key: String,
+    until: u64,
+    body_len: u64,
+}
+
+struct IndexRequest {
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    done: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+struct Inner {
+    rados: Rados,
+    shards: u32,
+    ownership: Option<Ownership>,
+    leases: Mutex<HashMap<MessageId, LeaseState>>,
+    /// Serializes this process's read-modify-write of a shard's index (lease vs complete).
+    shard_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Per-shard group committers for edge index writes.
+    committers: Vec<mpsc::Sender<IndexRequest>>,
+    cursor: Mutex<usize>,
+    opts: RadosSpoolOptions,
+}
+
+pub struct RadosSpool {
+    inner: Arc<Inner>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio_util_like::Stop,
+}
+
+/// A tiny stop signal (this crate does not depend on tokio-util).
+mod tokio_util_like {
+    use std::sync::Arc;
+    use tokio::sync::watch;
+    #[derive(Clone)]
+    pub struct Stop(Arc<watch::Sender<bool>>);
+    impl Stop {
+        pub fn new() -> Self {
+            Stop(Arc::new(watch::channel(false).0))
+        }
+        pub fn stop(&self) {
+            self.0.send_replace(true);
+        }
+        pub async fn stopped(&self) {
+            let mut rx = self.0.subscribe();
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+}
+
+impl RadosSpool {
+    /// Connects, creates the layout if the pool is new, and (for MTA processes) takes its
+    /// share of shards before returning.
+    pub async fn open(opts: RadosSpoolOptions) -> Result<RadosSpool, SpoolError> {
+        let copts = ConnectOptions {
+            conf: opts.conf.clone(),
+            user: opts.user.clone(),
+            pool: opts.pool.clone(),
+            namespace: opts.namespace.clone(),
+            op_timeout: opts.op_timeout,
+        };
+        let rados = tokio::task::spawn_blocking(move || Rados::connect(&copts))
+            .await
+            .map_err(|e| SpoolError::Storage(e.to_string()))?
+            .map_err(|e| SpoolError::Unavailable(format!("cannot connect to the Ceph cluster: {e}")))?;
+        let shards = shard_count(&rados, opts.shards).await?;
+        let ownership = opts.own_shards.then(|| {
+            let cookie = format!("{}-{}-{:08x}", hostname(), std::process::id(), rand::random::<u32>());
+            Ownership::new(rados.clone(), shards, cookie, opts.shard_lease)
+        });
+        let mut committers = Vec::new();
+        let mut background = Vec::new();
+        for shard in 0..shards {
+            let (tx, rx) = mpsc::channel(1024);
+            committers.push(tx);
+            background.push(tokio::spawn(commit_index(rados.clone(), shard, rx)));
+        }
+        let inner = Arc::new(Inner {
+            rados,
+            shards,
+            ownership,
+            leases: Mutex::new(HashMap::new()),
+            shard_locks: (0..shards).map(|_| tokio::sync::Mutex::new(())).collect(),
+            committers,
+            cursor: Mutex::new(0),
+            opts,
+        });
+        let stop = tokio_util_like::Stop::new();
+        if let Some(own) = &inner.ownership {
+            own.tick(&|s| inner.in_flight(s)).await;
+            background.push(tokio::spawn(maintain(inner.clone(), stop.clone())));
+        }
+        tracing::info!(pool = %inner.opts.pool, shards, owned = inner.ownership.as_ref().map(|o| o.owned_count()), "rados spool: opened");
+        Ok(RadosSpool { inner, background, stop })
+    }
+
+    /// Stops the background work and hands every owned shard back (call at shutdown, after
+    /// in-flight deliveries finished).
+    pub async fn close(&self) {
+        self.stop.stop();
+        if let Some(own) = &self.inner.ownership {
+            own.release_all().await;
+        }
+    }
+
+    /// Shards this process owns (for tests and operators).
+    pub fn owned_shards(&self) -> Vec<u32> {
+        self.inner.ownership.as_ref().map(|o| o.leasable()).unwrap_or_default()
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.inner.shards
+    }
+
+    /// Removes orphans in the shards this process owns; returns (bodies removed, entries removed).
+    pub async fn sweep(&self) -> Result<(usize, usize), SpoolError> {
+        self.inner.sweep().await
+    }
+}
+
+impl Drop for RadosSpool {
+    fn drop(&mut self) {
+        self.stop.stop();
+        for t in &self.background {
+            t.abort();
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
+/// Reads the shard count, creating `sluice.meta` (exclusively) if this pool is new.
+async fn shard_count(rados: &Rados, wanted: u32) -> Result<u32, SpoolError> {
+    let q = [OmapQuery { start_after: String::new(), prefix: "shards".into(), max: 1 }];
+    for _ in 0..2 {
+        match rados.omap_get(META_OBJECT, &q).await {
+            Ok(pages) => {
+                if let Some((_, v)) = pages[0].entries.first() {
+                    return std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| SpoolError::Corrupt { what: META_OBJECT.into(), reason: "bad shard count".into() });
+                }
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        let op = WriteOp::new().create(true).omap_set(vec![(b"shards".to_vec(), wanted.to_string().into_bytes())]);
+        match rados.write(META_OBJECT, op).await {
+            Ok(()) => return Ok(wanted),
+            Err(e) if e.errno == libc::EEXIST => continue, // another process created it first
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SpoolError::Storage(format!("could not read or create {META_OBJECT}")))
+}
+
+/// Group commit of edge index writes to one shard.
+async fn commit_index(rados: Rados, shard: u32, mut rx: mpsc::Receiver<IndexRequest>) {
+    let oid = shard_object(shard);
+    while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first];
+        while reqs.len() < 512 {
+            match rx.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = reqs.iter_mut().flat_map(|r| std::mem::take(&mut r.entries)).collect();
+        let started = Instant::now();
+        let n = entries.len();
+        let result = rados.write(&oid, WriteOp::new().omap_set(entries)).await;
+        metrics::histogram!("sluice_spool_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("sluice_spool_commit_messages").record((n / 3) as f64);
+        for r in reqs {
+            let _ = r.done.send(result.clone().map_err(SpoolError::from));
+        }
+    }
+}
+
+/// Background: renew and rebalance shards; sweep orphans now and then.
+async fn maintain(inner: Arc<Inner>, stop: tokio_util_like::Stop) {
+    let own = inner.ownership.as_ref().expect("maintain runs only for owners");
+    let tick = inner.opts.shard_lease / 4;
+    let mut last_sweep = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.stopped() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        own.tick(&|s| inner.in_flight(s)).await;
+        let every = inner.opts.sweep_interval;
+        if !every.is_zero() && last_sweep.elapsed() >= every {
+            last_sweep = Instant::now();
+            match inner.sweep().await {
+                Ok((b, e)) if b + e > 0 => tracing::info!(bodies = b, entries = e, "rados spool: removed orphans"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "rados spool: sweep failed"),
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn in_flight(&self, shard: u32) -> usize {
+        let now = now_ms();
+        let leases = self.leases.lock().expect("leases");
+        leases.values().filter(|l| l.shard == shard && l.until > now).count()
+    }
+
+    fn cookie(&self) -> &str {
+        self.ownership.as_ref().map(|o| o.cookie.as_str()).unwrap_or("")
+    }
+
+    /// A fenced write to a shard this process owns.
+    async fn owner_write(&self, shard: u32, op: WriteOp) -> Result<(), SpoolError> {
+        let Some(own) = &self.ownership else {
+            return Err(SpoolError::Storage("this process does not own shards (edge role)".into()));
+        };
+        if !own.owns(shard) {
+            return Err(SpoolError::Unavailable(format!("shard {shard} is not owned by this process")));
+        }
+        let op = WriteOp::new().assert_locked(OWNER_LOCK, self.cookie()).then(op);
+        match self.rados.write(&shard_object(shard), op).await {
+            Ok(()) => Ok(()),
+            // The lock is gone or someone else's: stop touching this shard.
+            Err(e) if e.errno == libc::EBUSY || e.errno == libc::ENOENT => {
+                own.mark_lost(shard);
+                Err(SpoolError::Unavailable(format!("lost ownership of shard {shard}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn enqueue(&self, batch: Vec<Message>) -> Result<(), SpoolError> {
+        // One shard per batch: its index entries land in one atomic write, all or nothing.
+        let shard = rand::random::<u32>() % self.shards;
+        let bodies = batch.iter().map(|m| {
+            let oid = body_object(shard, m.meta.id);
+            let op = WriteOp::new().write_full(m.body.clone());
+            let rados = self.rados.clone();
+            async move { rados.write(&oid, op).await }
+        });
+        for r in futures::future::join_all(bodies).await {
+            r?;
+        }
+        let token = ulid::Ulid::new().to_string().into_bytes();
+        let mut entries = Vec::with_capacity(batch.len() * 3);
+        for m in &batch {
+            let key = index_key(&m.meta.queue, m.meta.due_at, m.meta.id);
+            let value = IndexValue { attempts: m.meta.attempts, leased: false, body_len: m.body.len() as u64, meta: m.meta.clone() };
+            entries.push((key.clone().into_bytes(), value.encode()?));
+            entries.push((id_key(m.meta.id).into_bytes(), key.into_bytes()));
+            entries.push((dir_key(&m.meta.queue).into_bytes(), token.clone()));
+        }
+        let (done, answer) = oneshot::channel();
+        self.committers[shard as usize].send(IndexRequest { entries, done }).await.map_err(|_| SpoolError::Closed)?;
+        answer.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    async fn lease(&self, req: &LeaseRequest) -> Result<Vec<Leased>, SpoolError> {
+        let Some(own) = &self.ownership else { return Ok(Vec::new()) };
+        let mut shards = own.leasable();
+        if shards.is_empty() {
+            return Ok(Vec::new());
+        }
+        let start = {
+            let mut c = self.cursor.lock().expect("cursor");
+            *c = c.wrapping_add(1);
+            *c % shards.len()
+        };
+        shards.rotate_left(start);
+        let mut out = Vec::new();
+        for shard in shards {
+            if out.len() >= req.max {
+                break;
+            }
+            match self.lease_shard(shard, req, req.max - out.len()).await {
+                Ok(got) => out.extend(got),
+                Err(SpoolError::Unavailable(e)) if !out.is_empty() => {
+                    tracing::warn!(shard, error = %e, "rados spool: lease from shard failed");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Bodies, all in flight at once.
+        let reads = out.iter().map(|(shard, lease, value): &(u32, Lease, IndexValue)| {
+            let rados = self.rados.clone();
+            let oid = body_object(*shard, lease.id);
+            let len = value.body_len as usize;
+            async move { rados.read(&oid, len).await }
+        });
+        let bodies = futures::future::join_all(reads).await;
+        let mut leased = Vec::with_capacity(out.len());
+        for ((_shard, lease, value), body) in out.into_iter().zip(bodies) {
+            match body {
+                Ok(body) => leased.push(Leased { lease, meta: value.meta, body }),
+                Err(e) if e.is_not_found() => {
+                    tracing::error!(id = %lease.id, "rados spool: index entry without body, removing it");
+                    metrics::counter!("sluice_spool_orphans_removed_total", "kind" => "entry").increment(1);
+                    let _ = self.remove_entry(&lease).await;
+                }
+                Err(e) => {
+                    // Leave it leased; it comes back when the lease runs out.
+                    tracing::warn!(id = %lease.id, error = %e, "rados spool: body read failed");
+                }
+            }
+        }
+        // Within a shard entries come oldest first; across shards, order them here.
+        leased.sort_by_key(|l| (l.meta.due_at, l.meta.id));
+        Ok(leased)
+    }
+
+    async fn lease_shard(&self, shard: u32, req: &LeaseRequest, want: usize) -> Result<Vec<(u32, Lease, IndexValue)>, SpoolError> {
+        let oid = shard_object(shard);
+        let _guard = self.shard_locks[shard as usize].lock().await;
+        let dir = self.rados.omap_get(&oid, &[OmapQuery { start_after: "q".into(), prefix: "q".into(), max: 100_000 }]).await?;
+        let mut queues: Vec<(String, Vec<u8>)> = dir[0]
+            .entries
+            .iter()
+            .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?.strip_prefix('q')?.to_string(), v.clone())))
+            .filter(|(q, _)| req.filter.as_ref().is_none_or(|f| f(q)))
+            .collect();
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rot = rand::random::<u32>() as usize % queues.len();
+        queues.rotate_left(rot);
+        let now = now_ms();
+        let until = now + req.lease_for.as_millis() as u64;
+        let per_queue = req.max_per_queue.min(want).max(1);
+        let mut picked: Vec<(String, IndexValue)> = Vec::new();
+        let mut empty: Vec<(String, Vec<u8>)> = Vec::new();
+        for chunk in queues.chunks(64) {
+            if picked.len() >= want {
+                break;
+            }
+            let queries: Vec<OmapQuery> = chunk
+                .iter()
+                .map(|(q, _)| OmapQuery { start_after: queue_prefix(q), prefix: queue_prefix(q), max: per_queue as u64 })
+                .collect();
+            let pages = self.rados.omap_get(&oid, &queries).await?;
+            for ((queue, token), page) in chunk.iter().zip(pages) {
+                if page.entries.is_empty() {
+                    empty.push((queue.clone(), token.clone()));
+                    continue;
+                }
+                for (k, v) in page.entries {
+                    if picked.len() >= want {
+                        break;
+                    }
+                    let Some(key) = parse_index_key(&k) else { continue };
+                    if key.due > now {
+                        break; // sorted by due: nothing later in this queue is due
+                    }
+                    let value = IndexValue::decode(&v)?;
+                    if value.meta.id != key.id || value.meta.queue != key.queue {
+                        return Err(SpoolError::Corrupt { what: format!("index entry {}", String::from_utf8_lossy(&k)), reason: "key and value disagree".into() });
+                    }
+                    picked.push((String::from_utf8_lossy(&k).into_owned(), value));
+                }
+            }
+        }
+        // Forget empty queues, unless an edge added to them meanwhile (the token changed).
+        for (queue, token) in empty {
+            let op = WriteOp::new().omap_cmp_eq(dir_key(&queue).into_bytes(), token).omap_rm(vec![dir_key(&queue).into_bytes()]);
+            let _ = self.owner_write(shard, op).await;
+        }
+        if picked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rm = Vec::with_capacity(picked.len());
+        let mut set = Vec::with_capacity(picked.len() * 2);
+        let mut out = Vec::with_capacity(picked.len());
+        for (old_key, mut value) in picked {
+            let id = value.meta.id;
+            let key = index_key(&value.meta.queue, until, id);
+            value.leased = true;
+            rm.push(old_key.into_bytes());
+            set.push((key.clone().into_bytes(), value.encode()?));
+            set.push((id_key(id).into_bytes(), key.clone().into_bytes()));
+            out.push((key, value));
+        }
+        self.owner_write(shard, WriteOp::new().omap_rm(rm).omap_set(set)).await?;
+        let mut leases = self.leases.lock().expect("leases");
+        Ok(out
+            .into_iter()
+            .map(|(key, value)| {
+                let token = rand::random::<u64>();
+                let id = value.meta.id;
+                leases.insert(id, LeaseState { token, shard, key, until, body_len: value.body_len });
+                (shard, Lease { id, token, until }, value)
+            })
+            .collect())
+    }
+
+    /// Takes the lease out of the table if it is still current.
+    fn take_lease(&self, lease: &Lease) -> Result<LeaseState, SpoolError> {
+        let mut leases = self.leases.lock().expect("leases");
+        match leases.get(&lease.id) {
+            Some(l) if l.token == lease.token => Ok(leases.remove(&lease.id).expect("present")),
+            _ => Err(SpoolError::LeaseLost(lease.id)),
+        }
+    }
+
+    /// Runs a fenced write for a held lease; on failure the lease is put back unless the
+    /// shard was lost (then the caller learns the lease is gone).
+    async fn write_for_lease(&self, lease: &Lease, held: LeaseState, op: WriteOp) -> Result<(), SpoolError> {
+        let shard = held.shard;
+        let result = {
+            let _guard = self.shard_locks[shard as usize].lock().await;
+            self.owner_write(shard, op).await
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(_) if !self.ownership.as_ref().is_some_and(|o| o.owns(shard)) => Err(SpoolError::LeaseLost(lease.id)),
+            Err(e) => {
+                self.leases.lock().expect("leases").insert(lease.id, held);
+                Err(e)
+            }
+        }
+    }
+
+    async fn reschedule(&self, lease: &Lease, meta: MessageMeta) -> Result<(), SpoolError> {
+        let held = self.take_lease(lease)?;
+        let key = index_key(&meta.queue, meta.due_at, meta.id);
+        let value = IndexValue { attempts: meta.attempts, leased: false, body_len: held.body_len, meta };
+        let op = WriteOp::new()
+            .omap_rm(vec![held.key.clone().into_bytes()])
+            .omap_set(vec![(key.clone().into_bytes(), value.encode()?), (id_key(lease.id).into_bytes(), key.into_bytes())]);
+        self.write_for_lease(lease, held, op).await
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let held = self.take_lease(lease)?;
+        let shard = held.shard;
+        let op = WriteOp::new().omap_rm(vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes()]);
+        self.write_for_lease(lease, held, op).await?;
+        // The index no longer refers to the body; if this fails the sweeper removes it.
+        match self.rados.remove(&body_object(shard, lease.id)).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tracing::warn!(id = %lease.id, error = %e, "rados spool: body removal failed; the sweeper will retry"),
+        }
+        Ok(())
+    }
+
+    async fn remove_entry(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let held = self.take_lease(lease)?;
+        let op = WriteOp::new().omap_rm(vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes()]);
+        self.write_for_lease(lease, held, op).await
+    }
+
+    async fn get(&self, id: MessageId) -> Result<Option<MessageMeta>, SpoolError> {
+        let lookups = (0..self.shards).map(|shard| {
+            let rados = self.rados.clone();
+            async move {
+                let oid = shard_object(shard);
+                let found = match rados.omap_get_by_keys(&oid, &[id_key(id).into_bytes()]).await {
+                    Ok(f) => f,
+                    Err(e) if e.is_not_found() => return Ok(None),
+                    Err(e) => return Err(SpoolError::from(e)),
+                };
+                let Some((_, key)) = found.into_iter().next() else { return Ok(None) };
+                let vals = rados.omap_get_by_keys(&oid, &[key]).await?;
+                match vals.into_iter().next() {
+                    Some((_, v)) => Ok(Some(IndexValue::decode(&v)?.meta)),
+                    None => Ok(None),
+                }
+            }
+        });
+        for r in futures::future::join_all(lookups).await {
+            if let Some(meta) = r? {
+                return Ok(Some(meta));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn counts(&self) -> Result<SpoolCounts, SpoolError> {
+        let now = now_ms();
+        let scans = (0..self.shards).map(|shard| {
+            let rados = self.rados.clone();
+            async move {
+                let oid = shard_object(shard);
+                let mut c = SpoolCounts::default();
+                let mut after = "i".to_string();
+                loop {
+                    let page = match rados.omap_get(&oid, &[OmapQuery { start_after: after.clone(), prefix: "i".into(), max: 1000 }]).await {
+                        Ok(mut p) => p.remove(0),
+                        Err(e) if e.is_not_found() => return Ok(c),
+                        Err(e) => return Err(SpoolError::from(e)),
+                    };
+                    for (k, v) in &page.entries {
+                        let (Some(key), Some((attempts, leased))) = (parse_index_key(k), IndexValue::decode_header(v)) else { continue };
+                        if leased && key.due > now {
+                            c.leased += 1;
+                        } else {
+                            c.queued += 1;
+                            if attempts > 0 {
+                                c.deferred += 1;
+                            }
+                        }
+                    }
+                    match page.entries.last() {
+                        Some((k, _)) if page.more => after = String::from_utf8_lossy(k).into_owned(),
+                        _ => return Ok(c),
+                    }
+                }
+            }
+        });
+        let mut total = SpoolCounts::default();
+        for r in futures::future::join_all(scans).await {
+            let c = r?;
+            total.queued += c.queued;
+            total.deferred += c.deferred;
+            total.leased += c.leased;
+        }
+        Ok(total)
+    }
+
+    async fn sweep(&self) -> Result<(usize, usize), SpoolError> {
+        let Some(own) = &self.ownership else { return Ok((0, 0)) };
+        let rados = self.rados.clone();
+        let names = tokio::task::spawn_blocking(move || rados.list_objects(BODY_PREFIX))
+            .await
+            .map_err(|e| SpoolError::Storage(e.to_string()))??;
+        let cutoff = now_ms().saturating_sub(self.opts.orphan_age.as_millis() as u64);
+        let mut by_shard: BTreeMap<u32, Vec<MessageId>> = BTreeMap::new();
+        for name in names {
+            if let Some((shard, id)) = parse_body_object(&name) {
+                if own.owns(shard) && id.timestamp_ms() < cutoff {
+                    by_shard.entry(shard).or_default().push(id);
+                }
+            }
+        }
+        let mut removed = 0;
+        for (shard, ids) in by_shard {
+            for chunk in ids.chunks(512) {
+                let keys: Vec<Vec<u8>> = chunk.iter().map(|id| id_key(*id).into_bytes()).collect();
+                let present: std::collections::HashSet<Vec<u8>> =
+                    self.rados.omap_get_by_keys(&shard_object(shard), &keys).await?.into_iter().map(|(k, _)| k).collect();
+                for id in chunk {
+                    if !present.contains(id_key(*id).as_bytes()) {
+                        match self.rados.remove(&body_object(shard, *id)).await {
+                            Ok(()) => removed += 1,
+                            Err(e) if e.is_not_found() => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+            }
+        }
+        metrics::counter!("sluice_spool_orphans_removed_total", "kind" => "body").increment(removed as u64);
+        Ok((removed, 0))
+    }
+}
+
+#[async_trait]
+impl Spool for RadosSpool {
+    async fn enqueue(&self, batch: Vec<Message>) -> Result<(), SpoolError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.inner.enqueue(batch).await
+    }
+
+    async fn lease(&self, req: LeaseRequest) -> Result<Vec<Leased>, SpoolError> {
+        self.inner.lease(&req).await
+    }
+
+    async fn reschedule(&self, lease: &Lease, meta: MessageMeta) -> Result<(), SpoolError> {
+        if meta.id != lease.id {
+            return Err(SpoolError::Storage(format!("reschedule of {} with the metadata of {}", lease.id, meta.id)));
+        }
+        self.inner.reschedule(lease, meta).await
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
+        self.inner.complete(lease).await
+    }
+
+    async fn get(&self, id: MessageId) -> Result<Option<MessageMeta>, SpoolError> {
+        self.inner.get(id).await
+    }
+
+    async fn counts(&self) -> Result<SpoolCounts, SpoolError> {
+        self.inner.counts().await
+    }
+
+    fn backend(&self) -> &'static str {
+        "rados"
+    }
+}
