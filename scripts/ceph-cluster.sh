@@ -98,6 +98,7 @@ mon osd min down reporters = 1
 osd heartbeat grace = 6
 osd heartbeat interval = 2
 mon allow pool size one = true
+mon allow pool delete = true
 mon warn on pool no redundancy = false
 mon data avail warn = 2
 auth allow insecure global id reclaim = false

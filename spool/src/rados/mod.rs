@@ -196,6 +196,12 @@ impl RadosSpool {
         }
     }
 
+    /// Fault injection for tests: stop renewing shard locks, as a hung or partitioned process
+    /// would. The locks run out and other processes take the shards over.
+    pub fn stop_renewing(&self) {
+        self.stop.stop();
+    }
+
     /// Shards this process owns (for tests and operators).
     pub fn owned_shards(&self) -> Vec<u32> {
         self.inner.ownership.as_ref().map(|o| o.leasable()).unwrap_or_default()
