@@ -493,3 +493,36 @@ async fn serve_answers_over_tcp_and_stops_on_cancel() {
     drop(idle);
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
 }
+
+#[tokio::test]
+async fn slow_clients_are_cut_off() {
+    let config = HttpConfig {
+        header_read_timeout: Duration::from_millis(200),
+        request_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let h = Harness::with_config(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, h.edge.clone(), cancel.clone()));
+
+    // Headers that never finish: the connection is closed.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"POST /v3/mail/send HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await.expect("server closes the connection").unwrap();
+
+    // A body that never finishes: 408, nothing spooled.
+    let answer = raw_http(
+        addr,
+        format!("POST /v3/mail/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 100\r\n\r\n{{\"personalizations\""),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("Timed out reading the request body"), "{answer}");
+    assert!(h.enqueued().is_empty());
+
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
+}

@@ -148,7 +148,7 @@ fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> FieldError {
     match inner.classify() {
         serde_json::error::Category::Data => {
             let field = (!path.is_empty()).then_some(path);
-            FieldError { message: type_message(&strip_position(&inner.to_string())), field, help: None }
+            FieldError { message: type_message(strip_position(&inner.to_string())), field, help: None }
         }
         _ => syntax_error(&inner),
     }
