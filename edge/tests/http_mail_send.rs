@@ -465,10 +465,7 @@ async fn raw_http(addr: std::net::SocketAddr, request: String) -> String {
 #[tokio::test]
 async fn serve_answers_over_tcp_and_stops_on_cancel() {
     let h = Harness::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cancel = CancellationToken::new();
-    let server = tokio::spawn(serve(listener, h.edge.clone(), cancel.clone()));
+    let (addr, cancel, server) = serve_harness(&h).await;
 
     let body = serde_json::to_string(&minimal()).unwrap();
     let answer = raw_http(
@@ -494,26 +491,31 @@ async fn serve_answers_over_tcp_and_stops_on_cancel() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
 }
 
-#[tokio::test]
-async fn slow_clients_are_cut_off() {
-    let config = HttpConfig {
-        header_read_timeout: Duration::from_millis(200),
-        request_timeout: Duration::from_millis(200),
-        ..Default::default()
-    };
-    let h = Harness::with_config(config);
+/// Serves `h` on a fresh port until the returned token is cancelled.
+async fn serve_harness(h: &Harness) -> (std::net::SocketAddr, CancellationToken, tokio::task::JoinHandle<std::io::Result<()>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cancel = CancellationToken::new();
     let server = tokio::spawn(serve(listener, h.edge.clone(), cancel.clone()));
+    (addr, cancel, server)
+}
 
-    // Headers that never finish: the connection is closed.
+#[tokio::test]
+async fn clients_that_never_finish_their_headers_are_disconnected() {
+    let h = Harness::with_config(HttpConfig { header_read_timeout: Duration::from_millis(200), ..Default::default() });
+    let (addr, cancel, server) = serve_harness(&h).await;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(b"POST /v3/mail/send HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await.expect("server closes the connection").unwrap();
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
+}
 
-    // A body that never finishes: 408, nothing spooled.
+#[tokio::test]
+async fn bodies_that_never_finish_get_408() {
+    let h = Harness::with_config(HttpConfig { request_timeout: Duration::from_millis(200), ..Default::default() });
+    let (addr, cancel, server) = serve_harness(&h).await;
     let answer = raw_http(
         addr,
         format!("POST /v3/mail/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 100\r\n\r\n{{\"personalizations\""),
@@ -522,7 +524,6 @@ async fn slow_clients_are_cut_off() {
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(answer.contains("Timed out reading the request body"), "{answer}");
     assert!(h.enqueued().is_empty());
-
     cancel.cancel();
     tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
 }

@@ -157,18 +157,17 @@ impl Validator {
 
         let reply_to = self.reply_to(&req);
 
-        let subject = match req.subject.as_deref() {
+        let (subject, subject_ok) = match req.subject.as_deref() {
             Some("") => {
                 self.err("subject", "The subject must be at least one character long; leave it out to set one per personalization.");
-                None
+                (None, false)
             }
             Some(s) if has_line_break(s) => {
                 self.err("subject", "The subject must not contain line breaks (CR or LF).");
-                None
+                (None, false)
             }
-            s => s,
+            s => (s, true),
         };
-        let subject_ok = !req.subject.as_deref().is_some_and(|s| s.is_empty() || has_line_break(s));
 
         let message_headers = req.headers.as_ref().map(|h| self.headers(h, "headers")).unwrap_or_default();
         let message_args = req.custom_args.clone().unwrap_or_default();
