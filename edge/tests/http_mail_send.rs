@@ -501,13 +501,17 @@ async fn serve_harness(h: &Harness) -> (std::net::SocketAddr, CancellationToken,
 }
 
 #[tokio::test]
-async fn clients_that_never_finish_their_headers_are_disconnected() {
+async fn clients_that_never_finish_their_headers_and_idle_connections_are_disconnected() {
     let h = Harness::with_config(HttpConfig { header_read_timeout: Duration::from_millis(200), ..Default::default() });
     let (addr, cancel, server) = serve_harness(&h).await;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(b"POST /v3/mail/send HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await.expect("server closes the connection").unwrap();
+
+    // An idle keep-alive connection is closed the same way once its request was answered.
+    let answer = raw_http(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_string()).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("ok"), "{answer}");
     cancel.cancel();
     tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
 }
