@@ -23,7 +23,7 @@ async fn ehlo_advertises_extensions_and_hides_auth_before_tls() {
     let mut c = server.connect().await;
     let ehlo = c.cmd("EHLO client.test").await;
     let lines: Vec<&str> = ehlo.lines().map(|l| &l[4..]).collect();
-    assert!(ehlo.starts_with("250-relay.test"), "{ehlo}");
+    assert!(ehlo.starts_with("250-relay.test Hello client.test [127.0.0.1]\n"), "{ehlo}");
     for capability in ["PIPELINING", "SIZE 31457280", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS"] {
         assert!(lines.contains(&capability), "{capability} missing from {ehlo}");
     }

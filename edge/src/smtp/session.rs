@@ -366,7 +366,13 @@ impl Session {
             ehlo.capabilities |= smtp_proto::EXT_AUTH;
             ehlo.auth_mechanisms = smtp_proto::AUTH_PLAIN | smtp_proto::AUTH_LOGIN;
         }
-        ehlo.write(&mut *out).expect("writing to a Vec cannot fail");
+        let mut reply = Vec::with_capacity(256);
+        ehlo.write(&mut reply).expect("writing to a Vec cannot fail");
+        // smtp-proto's first line carries a fixed text; greet the client by name instead.
+        let first_line_end = reply.windows(2).position(|w| w == b"\r\n").map_or(0, |p| p + 2);
+        let client = self.helo.as_ref().map_or("", |h| h.name.as_str());
+        out.extend_from_slice(format!("250-{} Hello {client} [{}]\r\n", self.hostname(), self.peer.ip()).as_bytes());
+        out.extend_from_slice(&reply[first_line_end..]);
         Flow::Continue
     }
 
