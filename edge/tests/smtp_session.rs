@@ -175,6 +175,20 @@ async fn size_limits_at_mail_and_in_data() {
 }
 
 #[tokio::test]
+async fn a_large_message_is_stored_intact() {
+    let server = start(config()).await;
+    let mut c = server.connect().await;
+    c.cmd("EHLO client.test").await;
+    let lines: String = (0..4000).map(|i| format!("line {i:05} {}\r\n", "z".repeat(70))).collect();
+    let data = format!("Subject: large\r\n\r\n{lines}");
+    assert_code(&c.send_message("a@example.org", &["b@example.net"], &data).await, "250 2.0.0");
+    let messages = server.messages().await;
+    let body = body_text(&messages[0]);
+    assert!(body.ends_with(&data), "the client's data is stored unchanged after the added headers");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn too_many_recipients() {
     let server = start(SmtpConfig { max_recipients: 2, ..config() }).await;
     let mut c = server.connect().await;

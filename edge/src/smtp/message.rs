@@ -17,20 +17,20 @@ const MAX_SEND_AT_AHEAD_SECS: u64 = 72 * 3600;
 const MAX_CATEGORIES: usize = 10;
 
 /// What the `Received:` header records about the session.
-pub(crate) struct Trace<'a> {
+pub(crate) struct Trace {
     /// The name the client gave in EHLO/HELO.
-    pub helo: &'a str,
+    pub helo: String,
     /// EHLO (ESMTP) rather than HELO (SMTP).
     pub extended: bool,
     pub client_ip: IpAddr,
     /// This server's name.
-    pub hostname: &'a str,
+    pub hostname: String,
     /// The TLS protocol and cipher, when the session is encrypted.
-    pub tls: Option<&'a str>,
+    pub tls: Option<String>,
     pub authenticated: bool,
-    pub recipients: &'a [String],
+    pub recipients: Vec<String>,
     /// The queue id (`X-Message-Id`) the client is told.
-    pub queue_id: &'a str,
+    pub queue_id: String,
 }
 
 /// A message ready for `Ingest::accept`.
@@ -80,7 +80,7 @@ enum Categories {
 }
 
 /// Builds the stored message from the raw DATA (dot-unstuffed).
-pub(crate) fn prepare(data: &[u8], trace: &Trace<'_>, now: OffsetDateTime) -> Result<PreparedMessage, ContentError> {
+pub(crate) fn prepare(data: &[u8], trace: &Trace, now: OffsetDateTime) -> Result<PreparedMessage, ContentError> {
     let data = normalize_line_endings(data);
     let parsed = MessageParser::new().parse_headers(&data[..]);
     let headers = parsed.as_ref().map(|m| m.headers()).unwrap_or_default();
@@ -201,7 +201,7 @@ fn parse_smtpapi(json: &str, now: OffsetDateTime) -> Result<SmtpApiSettings, Con
 
 /// `Received: from <helo> ([ip]) by <host> (sluice) with ESMTPSA id <id> for <rcpt>; <date>`,
 /// folded as RFC 5322 recommends. The protocol names are RFC 3848's.
-fn received_header(trace: &Trace<'_>, date: &str) -> String {
+fn received_header(trace: &Trace, date: &str) -> String {
     let protocol = match (trace.extended, trace.tls.is_some(), trace.authenticated) {
         (false, _, _) => "SMTP",
         (true, false, false) => "ESMTP",
@@ -211,11 +211,11 @@ fn received_header(trace: &Trace<'_>, date: &str) -> String {
     };
     let helo: String = trace.helo.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
     let mut header = format!("Received: from {helo} ([{}])\r\n\tby {}", trace.client_ip.to_canonical(), trace.hostname);
-    if let Some(tls) = trace.tls {
+    if let Some(tls) = &trace.tls {
         header.push_str(&format!(" ({tls})"));
     }
     header.push_str(&format!(" (sluice) with {protocol} id {}", trace.queue_id));
-    if let [only] = trace.recipients {
+    if let [only] = trace.recipients.as_slice() {
         header.push_str(&format!("\r\n\tfor <{only}>"));
     }
     header.push_str(&format!(";\r\n\t{date}\r\n"));
@@ -249,16 +249,16 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
-    fn trace<'a>(recipients: &'a [String]) -> Trace<'a> {
+    fn trace(recipients: &[String]) -> Trace {
         Trace {
-            helo: "client.example",
+            helo: "client.example".into(),
             extended: true,
             client_ip: "192.0.2.7".parse().unwrap(),
-            hostname: "relay.example.com",
+            hostname: "relay.example.com".into(),
             tls: None,
             authenticated: false,
-            recipients,
-            queue_id: "01JZ0000000000000000000000",
+            recipients: recipients.to_vec(),
+            queue_id: "01JZ0000000000000000000000".into(),
         }
     }
 
@@ -294,7 +294,7 @@ mod tests {
     fn keeps_the_clients_message_id_and_date() {
         let rcpts = vec!["a@example.net".to_string(), "b@example.net".to_string()];
         let mut t = trace(&rcpts);
-        t.tls = Some("using TLSv1_3");
+        t.tls = Some("using TLSv1_3".into());
         t.authenticated = true;
         let p = prepare(b"Message-ID: <x@y>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nhi\r\n", &t, NOW).unwrap();
         assert_eq!(p.smtp_id, "<x@y>");
@@ -328,6 +328,25 @@ mod tests {
         assert!(err(b"X-SMTPAPI: {\"to\": [\"x@y\"]}\r\n\r\nx\r\n").contains("\"to\" is not supported"));
         assert!(err(b"X-SMTPAPI: {\"send_at\": 4102444800}\r\n\r\nx\r\n").contains("72 hours"));
         assert!(err(b"X-SMTPAPI: {}\r\nX-SMTPAPI: {}\r\n\r\nx\r\n").contains("only one"));
+    }
+
+    #[test]
+    fn received_names_the_protocol_used() {
+        let rcpts = vec!["a@example.net".to_string()];
+        let with = |extended: bool, tls: bool, authenticated: bool| {
+            let mut t = trace(&rcpts);
+            t.extended = extended;
+            t.tls = tls.then(|| "using TLSv1_3".to_string());
+            t.authenticated = authenticated;
+            let p = prepare(b"Subject: x\r\n\r\nx\r\n", &t, NOW).unwrap();
+            let body = String::from_utf8(p.body.to_vec()).unwrap();
+            body.split(" with ").nth(1).unwrap().split(' ').next().unwrap().to_string()
+        };
+        assert_eq!(with(false, false, false), "SMTP");
+        assert_eq!(with(true, false, false), "ESMTP");
+        assert_eq!(with(true, false, true), "ESMTPA");
+        assert_eq!(with(true, true, false), "ESMTPS");
+        assert_eq!(with(true, true, true), "ESMTPSA");
     }
 
     #[test]

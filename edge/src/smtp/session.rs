@@ -486,33 +486,27 @@ impl Session {
             return self.reply(out, reply::NEED_MAIL);
         };
         let queue_id = ulid::Ulid::new().to_string();
+        let trace = Trace {
+            helo: self.helo.as_ref().map(|h| h.name.clone()).unwrap_or_default(),
+            extended: self.helo.as_ref().is_some_and(|h| h.extended),
+            client_ip: self.peer.ip(),
+            hostname: self.shared.config.hostname.clone(),
+            tls: self.tls.clone(),
+            authenticated: self.authenticated.is_some(),
+            recipients: transaction.recipients.clone(),
+            queue_id: queue_id.clone(),
+        };
         let large = data.len() >= PREPARE_OFF_REACTOR;
-        let prepared = {
-            let helo = self.helo.as_ref().map(|h| (h.name.clone(), h.extended)).unwrap_or_default();
-            let tls = self.tls.clone();
-            let client_ip = self.peer.ip();
-            let hostname = self.shared.config.hostname.clone();
-            let authenticated = self.authenticated.is_some();
-            let recipients = transaction.recipients.clone();
-            let queue_id = queue_id.clone();
-            let prepare = move || {
-                let trace = Trace {
-                    helo: &helo.0,
-                    extended: helo.1,
-                    client_ip,
-                    hostname: &hostname,
-                    tls: tls.as_deref(),
-                    authenticated,
-                    recipients: &recipients,
-                    queue_id: &queue_id,
-                };
-                message::prepare(&data, &trace, time::OffsetDateTime::now_utc())
-            };
-            if large {
-                tokio::task::spawn_blocking(prepare).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-            } else {
-                prepare()
+        let prepare = move || message::prepare(&data, &trace, time::OffsetDateTime::now_utc());
+        let prepared = if large {
+            match tokio::task::spawn_blocking(prepare).await {
+                Ok(prepared) => prepared,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // The runtime is shutting down.
+                Err(_) => return self.reply(out, reply::LOCAL_ERROR),
             }
+        } else {
+            prepare()
         };
         let prepared = match prepared {
             Ok(p) => p,
