@@ -207,12 +207,18 @@ async fn swaks_with_tls_and_auth() {
     subjects.sort();
     assert_eq!(
         subjects,
-        [("swaks login".to_string(), "smtp:billing".to_string()), ("swaks plain".to_string(), "apikey:acme".to_string())]
+        [
+            ("swaks login".to_string(), "smtp:billing".to_string()),
+            ("swaks plain".to_string(), "apikey:acme".to_string())
+        ]
     );
     for m in &messages {
         assert!(header(m, "Received").unwrap().contains("with ESMTPSA id"));
         // swaks writes its own Message-Id and Date; the relay keeps them and adds no second one.
-        assert_eq!(body_text(m).matches("\r\nMessage-Id: ").count() + body_text(m).matches("\r\nMessage-ID: ").count(), 1);
+        assert_eq!(
+            body_text(m).matches("\r\nMessage-Id: ").count() + body_text(m).matches("\r\nMessage-ID: ").count(),
+            1
+        );
         assert_eq!(m.meta.smtp_id, header(m, "Message-ID").unwrap());
     }
     server.stop().await;
@@ -239,7 +245,11 @@ async fn swaks_without_auth_is_refused_outside_relay_networks() {
     .collect();
     let output = run("swaks", &args).await;
     assert!(!output.status.success(), "relayed without authentication:\n{}", describe(&output));
-    assert!(String::from_utf8_lossy(&output.stdout).contains("530 5.7.0 Authentication required"), "{}", describe(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("530 5.7.0 Authentication required"),
+        "{}",
+        describe(&output)
+    );
     assert!(server.messages().await.is_empty());
     server.stop().await;
 }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use sluice_spool::{Lease, LeaseRequest, Leased, Message, MessageId, MessageMeta, Spool, SpoolCounts, SpoolError};
+use base64::Engine;
 use sluice_edge::smtp::SmtpConfig;
+use sluice_spool::{Lease, LeaseRequest, Leased, Message, MessageId, MessageMeta, Spool, SpoolCounts, SpoolError};
 use smtp_support::*;
 
 fn plain(user: &str, password: &str) -> String {
@@ -79,7 +79,10 @@ async fn pipelined_commands_are_answered_in_order() {
     assert_code(&c.reply().await, "501 5.1.3");
     assert_code(&c.reply().await, "354 ");
     // The data, the next transaction and QUIT in one write.
-    c.send("Subject: one\r\n\r\nfirst\r\n.\r\nMAIL FROM:<d@example.org>\r\nRCPT TO:<e@example.net>\r\nNOOP\r\nQUIT\r\n").await;
+    c.send(
+        "Subject: one\r\n\r\nfirst\r\n.\r\nMAIL FROM:<d@example.org>\r\nRCPT TO:<e@example.net>\r\nNOOP\r\nQUIT\r\n",
+    )
+    .await;
     assert_code(&c.reply().await, "250 2.0.0 Ok: queued as");
     assert_code(&c.reply().await, "250 2.1.0");
     assert_code(&c.reply().await, "250 2.1.5");
@@ -282,7 +285,8 @@ async fn dot_stuffing_and_the_empty_message() {
     let server = start(config()).await;
     let mut c = server.connect().await;
     c.cmd("EHLO client.test").await;
-    let reply = c.send_message("a@example.org", &["b@example.net"], "Subject: dots\r\n\r\n..leading dot\r\n...\r\n").await;
+    let reply =
+        c.send_message("a@example.org", &["b@example.net"], "Subject: dots\r\n\r\n..leading dot\r\n...\r\n").await;
     assert_code(&reply, "250 2.0.0");
     // An empty message: the dot right after DATA ends it.
     let reply = c.send_message("z@example.org", &["b@example.net"], "").await;
@@ -298,10 +302,7 @@ async fn dot_stuffing_and_the_empty_message() {
 /// Never an open relay: a client outside `relay_networks` cannot send without AUTH.
 #[tokio::test]
 async fn unauthenticated_clients_outside_relay_networks_are_refused() {
-    let config = SmtpConfig {
-        relay_networks: vec!["192.0.2.0/24".parse().unwrap()],
-        ..config()
-    };
+    let config = SmtpConfig { relay_networks: vec!["192.0.2.0/24".parse().unwrap()], ..config() };
     let server = start(config).await;
     let mut c = server.connect().await;
     c.cmd("EHLO client.test").await;

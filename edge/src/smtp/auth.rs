@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use super::config::{parse_sha256, SmtpUser, API_KEY_USER};
@@ -22,10 +22,7 @@ pub(crate) struct Credentials {
 impl Credentials {
     /// `users` must have passed `SmtpConfig::validate` (their hashes decode).
     pub(crate) fn new(users: &[SmtpUser], api_keys: Arc<ApiKeys>) -> Self {
-        let users = users
-            .iter()
-            .filter_map(|u| Some((u.name.clone(), parse_sha256(&u.password_sha256)?)))
-            .collect();
+        let users = users.iter().filter_map(|u| Some((u.name.clone(), parse_sha256(&u.password_sha256)?))).collect();
         Credentials { users, api_keys }
     }
 
@@ -77,7 +74,9 @@ impl Exchange {
     pub(crate) fn start(mechanism: Mechanism, initial_response: &str) -> AuthStep {
         match (mechanism, initial_response.is_empty()) {
             (Mechanism::Plain, true) => AuthStep::Challenge { challenge: "", next: Exchange::PlainResponse },
-            (Mechanism::Login, true) => AuthStep::Challenge { challenge: LOGIN_USER_CHALLENGE, next: Exchange::LoginUser },
+            (Mechanism::Login, true) => {
+                AuthStep::Challenge { challenge: LOGIN_USER_CHALLENGE, next: Exchange::LoginUser }
+            }
             (_, false) => {
                 let first = if mechanism == Mechanism::Plain { Exchange::PlainResponse } else { Exchange::LoginUser };
                 first.respond(initial_response)
@@ -93,10 +92,9 @@ impl Exchange {
                 Err(reason) => AuthStep::Malformed(reason),
             },
             Exchange::LoginUser => match decode_text(line) {
-                Ok(user) if !user.is_empty() => AuthStep::Challenge {
-                    challenge: LOGIN_PASSWORD_CHALLENGE,
-                    next: Exchange::LoginPassword { user },
-                },
+                Ok(user) if !user.is_empty() => {
+                    AuthStep::Challenge { challenge: LOGIN_PASSWORD_CHALLENGE, next: Exchange::LoginPassword { user } }
+                }
                 Ok(_) => AuthStep::Malformed("empty user name"),
                 Err(reason) => AuthStep::Malformed(reason),
             },

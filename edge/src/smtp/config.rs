@@ -38,8 +38,9 @@ pub struct SmtpConfig {
     /// After this many error replies (5xx) in one session, the server answers `421` and
     /// closes the connection.
     pub max_errors: u32,
-    /// How long the server waits for each command line (and for each reply to be written)
-    /// before it answers `421 4.4.2` and closes. RFC 5321 asks for at least 5 minutes.
+    /// How long the server waits for each command line before it answers `421 4.4.2` and
+    /// closes (RFC 5321 asks for at least 5 minutes). Also bounds writing each reply, the
+    /// STARTTLS handshake, and the spool's confirmation of a message (`451` when exceeded).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
     /// How long one message's data may take to arrive, from the `354` to the final dot.

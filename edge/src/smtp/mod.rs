@@ -136,10 +136,9 @@ impl SmtpServer {
         if open > 0 {
             info!(open, "smtp relay stopped accepting; waiting for sessions to finish their transactions");
         }
-        let drained = tokio::time::timeout(config.shutdown_timeout, async {
-            while sessions.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(config.shutdown_timeout, async { while sessions.join_next().await.is_some() {} })
+                .await;
         if drained.is_err() {
             warn!(
                 remaining = sessions.len(),

@@ -53,7 +53,11 @@ mod tests {
         );
         assert!(matches!(relay_decision(None, ip("2001:db8::7"), &networks), RelayDecision::Allowed { .. }));
         for outsider in ["10.2.0.1", "127.0.0.1", "::1", "::ffff:192.0.2.1", "203.0.113.9"] {
-            assert_eq!(relay_decision(None, ip(outsider), &networks), RelayDecision::AuthenticationRequired, "{outsider}");
+            assert_eq!(
+                relay_decision(None, ip(outsider), &networks),
+                RelayDecision::AuthenticationRequired,
+                "{outsider}"
+            );
         }
         assert_eq!(relay_decision(None, ip("10.1.2.3"), &[]), RelayDecision::AuthenticationRequired);
     }

@@ -42,11 +42,8 @@ pub(crate) const READY_FOR_TLS: Reply = Reply::new(220, [2, 0, 0], "Ready to sta
 pub(crate) const AUTH_OK: Reply = Reply::new(235, [2, 7, 0], "Authentication successful");
 pub(crate) const CANNOT_VRFY: Reply =
     Reply::new(252, [2, 5, 2], "Cannot VRFY user, but will accept message and attempt delivery");
-pub(crate) const HELP: Reply = Reply::new(
-    214,
-    [2, 0, 0],
-    "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS AUTH VRFY HELP (RFC 5321)",
-);
+pub(crate) const HELP: Reply =
+    Reply::new(214, [2, 0, 0], "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS AUTH VRFY HELP (RFC 5321)");
 
 pub(crate) const UNRECOGNIZED: Reply = Reply::new(500, [5, 5, 1], "Command unrecognized");
 pub(crate) const LINE_TOO_LONG: Reply = Reply::new(500, [5, 5, 2], "Line too long (the limit is 4096 bytes)");
@@ -72,19 +69,13 @@ pub(crate) const AUTH_NEEDS_TLS: Reply =
     Reply::new(538, [5, 7, 11], "Encryption required for requested authentication mechanism; send STARTTLS first");
 pub(crate) const AUTH_REQUIRED: Reply = Reply::new(530, [5, 7, 0], "Authentication required");
 pub(crate) const BAD_SENDER_SYNTAX: Reply = Reply::new(501, [5, 1, 7], "Bad sender address syntax");
-pub(crate) const BAD_RECIPIENT_SYNTAX: Reply = Reply::new(
-    501,
-    [5, 1, 3],
-    "Bad recipient address syntax (a mailbox at a domain name is required)",
-);
+pub(crate) const BAD_RECIPIENT_SYNTAX: Reply =
+    Reply::new(501, [5, 1, 3], "Bad recipient address syntax (a mailbox at a domain name is required)");
 pub(crate) const NEEDS_SMTPUTF8: Reply =
     Reply::new(553, [5, 6, 7], "Non-ASCII addresses require the SMTPUTF8 parameter on MAIL");
 pub(crate) const TOO_MANY_RECIPIENTS: Reply = Reply::new(452, [4, 5, 3], "Too many recipients");
-pub(crate) const SPOOL_UNAVAILABLE: Reply = Reply::new(
-    451,
-    [4, 3, 0],
-    "Mail system temporarily unavailable; the message was not queued, try again later",
-);
+pub(crate) const SPOOL_UNAVAILABLE: Reply =
+    Reply::new(451, [4, 3, 0], "Mail system temporarily unavailable; the message was not queued, try again later");
 pub(crate) const LOCAL_ERROR: Reply =
     Reply::new(451, [4, 3, 0], "Local error in processing; the message was not queued, try again later");
 

@@ -11,11 +11,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_spool::SpoolError;
 use smtp_proto::request::receiver::{
     DataReceiver, DummyDataReceiver, DummyLineReceiver, LineReceiver, RequestReceiver, MAX_LINE_LENGTH,
 };
 use smtp_proto::{EhloResponse, Error as ParseError, MailFrom, RcptTo, Request};
-use sluice_spool::SpoolError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -37,7 +37,12 @@ const MAX_PENDING_REPLIES: usize = 64 * 1024;
 const PREPARE_OFF_REACTOR: usize = 64 * 1024;
 
 /// Serves one accepted connection until the client quits, a limit closes it, or shutdown.
-pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+pub(crate) async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let command_timeout = shared.config.command_timeout;
     let mut session = Session::new(shared.clone(), peer, cancel);
@@ -82,13 +87,23 @@ enum Mode {
     /// The rest of a command line that was too long.
     DiscardLine(DummyLineReceiver),
     /// Message data after `354`, until the final dot.
-    Data { receiver: DataReceiver, body: Vec<u8>, deadline: Instant },
+    Data {
+        receiver: DataReceiver,
+        body: Vec<u8>,
+        deadline: Instant,
+    },
     /// Message data past `max_message_bytes`: read to the final dot, keep nothing.
-    DiscardData { receiver: DummyDataReceiver, deadline: Instant },
+    DiscardData {
+        receiver: DummyDataReceiver,
+        deadline: Instant,
+    },
     /// The chunk of a refused `BDAT`.
     DiscardChunk(DummyDataReceiver),
     /// A line of an AUTH exchange.
-    Auth { exchange: Exchange, line: LineReceiver<()> },
+    Auth {
+        exchange: Exchange,
+        line: LineReceiver<()>,
+    },
 }
 
 struct Helo {
@@ -342,7 +357,9 @@ impl Session {
                 self.reply(out, reply::BDAT_NOT_IMPLEMENTED)
             }
             Request::Lhlo { .. } => self.reply(out, reply::UNRECOGNIZED),
-            Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => self.reply(out, reply::NOT_IMPLEMENTED),
+            Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                self.reply(out, reply::NOT_IMPLEMENTED)
+            }
         }
     }
 
@@ -371,7 +388,9 @@ impl Session {
         // smtp-proto's first line carries a fixed text; greet the client by name instead.
         let first_line_end = reply.windows(2).position(|w| w == b"\r\n").map_or(0, |p| p + 2);
         let client = self.helo.as_ref().map_or("", |h| h.name.as_str());
-        out.extend_from_slice(format!("250-{} Hello {client} [{}]\r\n", self.hostname(), self.peer.ip()).as_bytes());
+        out.extend_from_slice(
+            format!("250-{} Hello {client} [{}]\r\n", self.hostname(), self.peer.ip().to_canonical()).as_bytes(),
+        );
         out.extend_from_slice(&reply[first_line_end..]);
         Flow::Continue
     }
@@ -399,16 +418,18 @@ impl Session {
             }
         };
         if let Some(param) = unsupported_mail_parameter(&from) {
-            return self.reply(
-                out,
-                Reply::with_text(555, [5, 5, 4], format!("MAIL parameter {param} is not supported")),
-            );
+            return self
+                .reply(out, Reply::with_text(555, [5, 5, 4], format!("MAIL parameter {param} is not supported")));
         }
         let max = self.shared.config.max_message_bytes;
         if from.size > max {
             return self.reply(
                 out,
-                Reply::with_text(552, [5, 3, 4], format!("Message size exceeds fixed maximum message size ({max} bytes)")),
+                Reply::with_text(
+                    552,
+                    [5, 3, 4],
+                    format!("Message size exceeds fixed maximum message size ({max} bytes)"),
+                ),
             );
         }
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
@@ -528,7 +549,15 @@ impl Session {
             send_at: prepared.send_at,
         };
         let tenant = submission.tenant.clone();
-        match self.shared.ingest.accept(&queue_id, vec![submission]).await {
+        // Bounded like every other wait; a spool that hangs gets the same answer as one that
+        // fails (the client retries; at worst the message is queued twice, never lost).
+        let accepted =
+            timeout(self.shared.config.command_timeout, self.shared.ingest.accept(&queue_id, vec![submission]))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SpoolError::Unavailable("no answer from the spool within command_timeout".into()))
+                });
+        match accepted {
             Ok(_) => {
                 metrics::counter!("sluice_smtp_messages_accepted_total").increment(1);
                 info!(peer = %self.peer, %tenant, queue_id, recipients, "smtp message queued");
@@ -609,8 +638,12 @@ fn parse_error(error: ParseError) -> Reply {
         ParseError::UnknownCommand => reply::UNRECOGNIZED,
         ParseError::InvalidSenderAddress => reply::BAD_SENDER_SYNTAX,
         ParseError::InvalidRecipientAddress => reply::BAD_RECIPIENT_SYNTAX,
-        ParseError::SyntaxError { syntax } => Reply::with_text(501, [5, 5, 2], format!("Syntax error, expected: {syntax}")),
-        ParseError::InvalidParameter { param } => Reply::with_text(501, [5, 5, 4], format!("Invalid {param} parameter")),
+        ParseError::SyntaxError { syntax } => {
+            Reply::with_text(501, [5, 5, 2], format!("Syntax error, expected: {syntax}"))
+        }
+        ParseError::InvalidParameter { param } => {
+            Reply::with_text(501, [5, 5, 4], format!("Invalid {param} parameter"))
+        }
         ParseError::UnsupportedParameter { param } => {
             Reply::with_text(555, [5, 5, 4], format!("Parameter {param} is not supported"))
         }

@@ -96,7 +96,9 @@ impl TestServer {
     /// Every message in the spool, leased (sorted by envelope sender, then first recipient).
     pub async fn messages(&self) -> Vec<Leased> {
         let mut leased = self.spool.lease(LeaseRequest::new(100_000, Duration::from_secs(600))).await.unwrap();
-        leased.sort_by(|a, b| (&a.meta.mail_from, &a.meta.recipients[0].address).cmp(&(&b.meta.mail_from, &b.meta.recipients[0].address)));
+        leased.sort_by(|a, b| {
+            (&a.meta.mail_from, &a.meta.recipients[0].address).cmp(&(&b.meta.mail_from, &b.meta.recipients[0].address))
+        });
         leased
     }
 
@@ -150,7 +152,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let mut lines = Vec::new();
         loop {
             let mut line = String::new();
-            let n = tokio::time::timeout(IO_TIMEOUT, self.io.read_line(&mut line)).await.expect("reply timed out").unwrap();
+            let n =
+                tokio::time::timeout(IO_TIMEOUT, self.io.read_line(&mut line)).await.expect("reply timed out").unwrap();
             assert!(n > 0, "connection closed while waiting for a reply (got {lines:?})");
             assert!(line.ends_with("\r\n"), "reply line without CRLF: {line:?}");
             let line = line.trim_end().to_string();
@@ -171,7 +174,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Asserts that the server closed the connection (after any replies already read).
     pub async fn expect_closed(&mut self) {
         let mut rest = Vec::new();
-        let read = tokio::time::timeout(IO_TIMEOUT, self.io.read_to_end(&mut rest)).await.expect("server did not close");
+        let read =
+            tokio::time::timeout(IO_TIMEOUT, self.io.read_to_end(&mut rest)).await.expect("server did not close");
         // A reset after close is fine too; what matters is that nothing more was said.
         if read.is_ok() {
             assert!(rest.is_empty(), "unexpected data before close: {:?}", String::from_utf8_lossy(&rest));
@@ -198,11 +202,12 @@ impl Client<TcpStream> {
         let tcp = self.io.into_inner();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(root).unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         let tls = tokio::time::timeout(
             IO_TIMEOUT,
             TlsConnector::from(Arc::new(config)).connect(ServerName::try_from(HOSTNAME).unwrap(), tcp),
@@ -234,5 +239,7 @@ pub fn header(message: &Leased, name: &str) -> Option<String> {
 
 /// A message as a client would send it.
 pub fn sample_message(subject: &str) -> String {
-    format!("From: App <app@example.org>\r\nTo: someone@example.net\r\nSubject: {subject}\r\n\r\nHello from the test.\r\n")
+    format!(
+        "From: App <app@example.org>\r\nTo: someone@example.net\r\nSubject: {subject}\r\n\r\nHello from the test.\r\n"
+    )
 }
