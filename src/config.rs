@@ -69,6 +69,8 @@ pub struct SpoolConfig {
     pub backend: SpoolBackend,
     /// Directory of the local spool; default `<data_dir>/spool`.
     pub path: Option<PathBuf>,
+    /// The Ceph cluster and pool, for `backend = "rados"`.
+    pub rados: RadosConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -76,6 +78,42 @@ pub struct SpoolConfig {
 pub enum SpoolBackend {
     #[default]
     Local,
+    Rados,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RadosConfig {
+    /// The cluster's ceph.conf (its keyring is found through it).
+    pub conf: Option<PathBuf>,
+    /// The pool holding the spool; every edge and MTA of one deployment names the same pool.
+    pub pool: String,
+    /// The cephx user, without `client.`.
+    pub user: String,
+    /// A RADOS namespace inside the pool (to run several spools in one pool).
+    pub namespace: Option<String>,
+    /// Index shards, fixed when the pool is first used; more shards spread work over more MTAs.
+    pub shards: u32,
+    /// Every RADOS operation fails after this long instead of hanging on an unhealthy cluster.
+    #[serde(with = "humantime_serde")]
+    pub op_timeout: std::time::Duration,
+    /// How long an MTA's shard locks last without renewal: the take-over time after a crash.
+    #[serde(with = "humantime_serde")]
+    pub shard_lease: std::time::Duration,
+}
+
+impl Default for RadosConfig {
+    fn default() -> Self {
+        RadosConfig {
+            conf: None,
+            pool: "sluice".into(),
+            user: "admin".into(),
+            namespace: None,
+            shards: 16,
+            op_timeout: std::time::Duration::from_secs(10),
+            shard_lease: std::time::Duration::from_secs(15),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +181,24 @@ impl Config {
         section("mta", self.mta.validate())?;
         sluice_edge::ApiKeys::from_config(&self.api_keys)
             .map_err(|e| ConfigError::Invalid { key: format!("api_keys[{}].{}", e.index, e.field), reason: e.reason })?;
+        if self.spool.backend == SpoolBackend::Rados {
+            let invalid = |key: &str, reason: &str| ConfigError::Invalid { key: format!("spool.rados.{key}"), reason: reason.into() };
+            if self.spool.rados.conf.is_none() {
+                return Err(invalid("conf", "required with spool.backend = \"rados\": the path of the cluster's ceph.conf"));
+            }
+            if self.spool.rados.pool.is_empty() {
+                return Err(invalid("pool", "must not be empty"));
+            }
+            if !(1..=4096).contains(&self.spool.rados.shards) {
+                return Err(invalid("shards", "must be between 1 and 4096"));
+            }
+            if self.spool.rados.op_timeout.as_secs() < 1 {
+                return Err(invalid("op_timeout", "must be at least 1s"));
+            }
+            if self.spool.rados.shard_lease.as_secs() < 2 {
+                return Err(invalid("shard_lease", "must be at least 2s"));
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { key: "data_dir".into(), reason: "must not be empty".into() });
         }

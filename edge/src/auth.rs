@@ -61,9 +61,9 @@ impl ApiKeys {
         Ok(ApiKeys { by_hash })
     }
 
-    /// Adds a key by its hash (e.g. the generated quick-start key).
-    pub fn insert_hash(&mut self, sha256: [u8; 32], tenant: Tenant) {
-        self.by_hash.insert(sha256, tenant);
+    /// Adds a key known in clear (the generated quick-start key); only its hash is kept.
+    pub fn insert_key(&mut self, key: &str, tenant: Tenant) {
+        self.by_hash.insert(Sha256::digest(key.as_bytes()).into(), tenant);
     }
 
     pub fn verify(&self, presented: &str) -> Option<&Tenant> {

@@ -1,0 +1,255 @@
+//! `sluice serve`: open the spool, start the roles this process runs, stop cleanly on
+//! SIGTERM/SIGINT (stop accepting, finish or release in-flight work, close the spool).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sluice_edge::http::HttpEdge;
+use sluice_edge::smtp::SmtpServer;
+use sluice_edge::{ApiKeys, Ingest, Tenant};
+use sluice_events::EventLog;
+use sluice_mta::Mta;
+use sluice_rules::{Builtin, Classify};
+use sluice_spool::{LocalSpool, LocalSpoolOptions, Spool};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Role, SpoolBackend};
+use crate::{apikey, telemetry};
+
+pub fn run(config_path: Option<PathBuf>, role: Option<Role>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    telemetry::init_logging();
+    let mut config = Config::load(config_path.as_deref())?;
+    if let Some(role) = role {
+        config.role = role;
+    }
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+/// The spool plus what must happen to it at shutdown.
+struct OpenSpool {
+    spool: Arc<dyn Spool>,
+    #[cfg(feature = "rados")]
+    rados: Option<Arc<sluice_spool::RadosSpool>>,
+}
+
+async fn open_spool(config: &Config) -> anyhow::Result<OpenSpool> {
+    match config.spool.backend {
+        SpoolBackend::Local => {
+            let path = config.spool_path();
+            let spool = tokio::task::spawn_blocking(move || LocalSpool::open(LocalSpoolOptions::new(&path)))
+                .await?
+                .with_context(|| {
+                    format!(
+                        "cannot open the local spool at {} (is another sluice using it? set spool.path or --data-dir)",
+                        config.spool_path().display()
+                    )
+                })?;
+            Ok(OpenSpool {
+                spool: Arc::new(spool),
+                #[cfg(feature = "rados")]
+                rados: None,
+            })
+        }
+        #[cfg(feature = "rados")]
+        SpoolBackend::Rados => {
+            let r = &config.spool.rados;
+            let mut opts = sluice_spool::RadosSpoolOptions::new(r.conf.clone().expect("validated"), r.pool.clone());
+            opts.user = r.user.clone();
+            opts.namespace = r.namespace.clone();
+            opts.shards = r.shards;
+            opts.op_timeout = r.op_timeout;
+            opts.shard_lease = r.shard_lease;
+            opts.own_shards = config.role.runs_mta();
+            let spool = Arc::new(sluice_spool::RadosSpool::open(opts).await.with_context(|| {
+                format!("cannot open the RADOS spool (pool {} via {})", r.pool, r.conf.as_ref().expect("validated").display())
+            })?);
+            Ok(OpenSpool { spool: spool.clone(), rados: Some(spool) })
+        }
+        #[cfg(not(feature = "rados"))]
+        SpoolBackend::Rados => anyhow::bail!(
+            "config key spool.backend: \"rados\" needs a sluice built with `--features rados` (and librados installed)"
+        ),
+    }
+}
+
+async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (config key {key}): is it in use?"))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let metrics = telemetry::init_metrics()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let opened = open_spool(&config).await?;
+    let spool = opened.spool.clone();
+    let events = EventLog::open(&config.events_path()).await?;
+    let classifier: Arc<dyn Classify> = Arc::new(Builtin);
+    let cancel = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let admin = bind(config.admin.listen, "admin.listen").await?;
+    let admin_addr = admin.local_addr()?;
+    tasks.spawn(serve_admin(admin, metrics, spool.clone(), cancel.clone()));
+
+    let mut waker = None;
+    if config.role.runs_mta() {
+        let mta = Mta::new(config.mta.clone(), spool.clone(), events.clone(), classifier.clone())
+            .context("cannot start delivery (section [mta])")?;
+        waker = Some(mta.waker());
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            mta.run(cancel).await;
+            Ok(())
+        });
+    }
+
+    let mut listening = Vec::new();
+    if config.role.runs_edge() {
+        let mut keys = ApiKeys::from_config(&config.api_keys).expect("validated");
+        if keys.is_empty() {
+            let (key, created) = apikey::quickstart_key(&config.data_dir)?;
+            keys.insert_key(&key, Tenant { name: "quickstart".into() });
+            let path = config.data_dir.join("quickstart-api-key");
+            if created {
+                println!("sluice: created a quick-start API key (no [[api_keys]] configured): {key}");
+            }
+            println!("sluice: quick-start API key in {} (configure [[api_keys]] to replace it)", path.display());
+        }
+        let keys = Arc::new(keys);
+        let mut ingest = Ingest::new(spool.clone(), events.clone(), config.mta.retry.max_age);
+        if let Some(w) = &waker {
+            ingest = ingest.with_waker(w.clone());
+        }
+        let http_listener = bind(config.http.listen, "http.listen").await?;
+        let smtp_listener = bind(config.smtp.listen, "smtp.listen").await?;
+        listening.push(format!("http={}", http_listener.local_addr()?));
+        listening.push(format!("smtp={}", smtp_listener.local_addr()?));
+        let http = HttpEdge::new(config.http.clone(), ingest.clone(), keys.clone(), config.smtp.hostname.clone());
+        let smtp = SmtpServer::new(config.smtp.clone(), ingest, keys).context("cannot start the SMTP edge (section [smtp])")?;
+        let c = cancel.clone();
+        tasks.spawn(async move { sluice_edge::http::serve(http_listener, http, c).await.context("HTTP edge failed") });
+        let c = cancel.clone();
+        tasks.spawn(async move { smtp.serve(smtp_listener, c).await.context("SMTP edge failed") });
+    }
+    listening.push(format!("admin={admin_addr}"));
+    tracing::info!(
+        role = ?config.role,
+        spool = spool.backend(),
+        data_dir = %config.data_dir.display(),
+        "sluice running: {}",
+        listening.join(" ")
+    );
+    println!("sluice: ready ({})", listening.join(" "));
+
+    // Run until a signal, or until a component fails.
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("sluice: shutting down"),
+        Some(done) = tasks.join_next() => {
+            if let Ok(Err(e)) = done { failure = Some(e) }
+        }
+    }
+    cancel.cancel();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            tracing::error!(error = %e, "component failed during shutdown");
+        }
+    }
+    #[cfg(feature = "rados")]
+    if let Some(r) = &opened.rados {
+        r.close().await;
+    }
+    drop(opened);
+    drop(spool);
+    tracing::info!("sluice: stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// `/metrics` (Prometheus), `/healthz`, and `/admin/spool` (counts by state, JSON).
+async fn serve_admin(
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    spool: Arc<dyn Spool>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    // Queue-depth gauges, refreshed in the background: counting can be a scan (RADOS).
+    let gauges = {
+        let (spool, cancel) = (spool.clone(), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(c) = spool.counts().await {
+                    metrics::gauge!("sluice_queue_depth", "state" => "queued").set(c.queued as f64);
+                    metrics::gauge!("sluice_queue_depth", "state" => "deferred").set(c.deferred as f64);
+                    metrics::gauge!("sluice_queue_depth", "state" => "leased").set(c.leased as f64);
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        })
+    };
+    let upkeep = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/admin/spool",
+            get(move || {
+                let spool = spool.clone();
+                async move {
+                    match spool.counts().await {
+                        Ok(c) => (axum::http::StatusCode::OK, axum::Json(serde_json::to_value(c).expect("counts serialize"))),
+                        Err(e) => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            axum::Json(serde_json::json!({ "error": e.to_string() })),
+                        ),
+                    }
+                }
+            }),
+        );
+    let upkeep_task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => upkeep.run_upkeep(),
+                }
+            }
+        }
+    });
+    let c = cancel.clone();
+    let result = axum::serve(listener, app).with_graceful_shutdown(async move { c.cancelled().await }).await;
+    gauges.abort();
+    upkeep_task.abort();
+    result.context("admin listener failed")
+}
