@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine: installs what the tests need (apt and
-# pip packages), starts what they need, runs every test, and cleans up. `.ci/run` calls this.
+# pip packages), starts a Ceph cluster on loopback for the RADOS tests, runs every test, and
+# stops the cluster again. `.ci/run` calls this. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,13 +19,21 @@ apt_install() {
   rm -rf "$cache"
 }
 
-# Real peers: Postfix (smtp-source, smtp-sink, and the relay we benchmark against), swaks.
-apt_install postfix swaks
+# Real peers: Postfix (smtp-source, smtp-sink, and the relay we benchmark against), swaks;
+# Ceph (a real cluster for the RADOS spool) and librados-dev to build against it.
+apt_install postfix swaks ceph-mon ceph-osd ceph-mgr ceph-common librados-dev
 # The official SendGrid client, an independent DKIM verifier, a DNS library for it.
 python3 -c 'import sendgrid, dkim, dns' 2>/dev/null || {
   log "installing Python packages"
   python3 -m pip install -q --disable-pip-version-check sendgrid dkimpy dnspython
 }
 
+CEPH_DIR=$(mktemp -d /tmp/sluice-ceph.XXXXXX)
+cleanup() { scripts/ceph-cluster.sh destroy --dir "$CEPH_DIR" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+log "starting a Ceph cluster in $CEPH_DIR"
+SLUICE_CEPH_CONF=$(scripts/ceph-cluster.sh start --dir "$CEPH_DIR" --osds 3)
+export SLUICE_CEPH_CONF SLUICE_CEPH_DIR=$CEPH_DIR SLUICE_CEPH_POOL=sluice
+
 log "cargo test"
-cargo test --workspace --no-fail-fast "$@"
+cargo test --workspace --features sluice/rados,sluice-spool/rados --no-fail-fast "$@"
