@@ -102,7 +102,8 @@ pub struct TlsSettings {
     pub mode: TlsMode,
     /// Check the server certificate against the system's trusted roots and the host name.
     /// Off by default: MX certificates often do not match, and opportunistic TLS protects
-    /// against passive listeners only anyway.
+    /// against passive listeners only anyway. With `opportunistic`, a certificate that fails
+    /// the check makes the delivery fall back to plain text; with `required`, it defers.
     pub verify_certificates: bool,
 }
 

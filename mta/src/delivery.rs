@@ -333,6 +333,10 @@ async fn transaction(ctx: &Ctx, session: &mut Session, msg: &Leased, deadline: I
         .map(|(i, r)| (i, r.address.as_str()))
         .collect();
 
+    if rcpts.is_empty() {
+        // Nothing left to send (every recipient is final): settling completes it.
+        return (Vec::new(), false);
+    }
     let needs_utf8 = !meta.mail_from.is_ascii() || rcpts.iter().any(|(_, a)| !a.is_ascii());
     if needs_utf8 && !caps.smtputf8 {
         let reply = synthetic(553, (5, 6, 7), format!("{host} does not support SMTPUTF8, which a non-ASCII address needs"));

@@ -265,3 +265,28 @@ async fn helo_is_used_when_ehlo_is_refused() {
     assert!(kinds.contains(&("ok@dest.test", "delivered")) && kinds.contains(&("bounce1@dest.test", "bounce")), "{kinds:?}");
     assert_eq!(bench.sink.messages().len(), 1);
 }
+
+#[tokio::test]
+async fn an_untrusted_certificate_falls_back_to_plain_text_or_defers_when_tls_is_required() {
+    // The sink's certificate is self-signed, so verification against the system roots fails.
+    let bench = Bench::new(SinkConfig { starttls: true, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut config = bench.config();
+    config.tls.verify_certificates = true;
+    let mta = bench.start(config.clone());
+    let e = bench.event_for(1, "a@dest.test").await;
+    mta.stop().await;
+    assert_eq!((e["event"].as_str(), e["tls"].as_u64()), (Some("delivered"), Some(0)), "{e}");
+    assert!(!bench.sink.messages()[0].tls);
+    assert_eq!(bench.sink.stats().connections, 2, "a TLS attempt, then plain text");
+
+    bench.enqueue("dest.test", &["b@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    config.tls.mode = sluice_mta::TlsMode::Required;
+    let mta = bench.start(config);
+    let e = bench.event_for(2, "b@dest.test").await;
+    mta.stop().await;
+    assert_eq!(e["event"], "deferred");
+    assert!(e["response"].as_str().unwrap().starts_with("421 4.7.5 TLS handshake with mx.dest.test failed"), "{e}");
+    assert_eq!(bench.sink.messages().len(), 1);
+}

@@ -103,13 +103,15 @@ impl Bench {
     /// An MTA configuration pointing at the bench's DNS and the sink's port, with retries
     /// far in the future unless a test shortens them.
     pub fn config(&self) -> MtaConfig {
-        let mut c = MtaConfig::default();
-        c.ehlo_hostname = "mta.test".into();
-        c.max_concurrent_deliveries = 4;
-        c.lease_batch = 50;
-        c.max_messages_per_connection = 10;
-        c.idle_poll = Duration::from_millis(50);
-        c.port = self.sink.addr().port();
+        let mut c = MtaConfig {
+            ehlo_hostname: "mta.test".into(),
+            max_concurrent_deliveries: 4,
+            lease_batch: 50,
+            max_messages_per_connection: 10,
+            idle_poll: Duration::from_millis(50),
+            port: self.sink.addr().port(),
+            ..MtaConfig::default()
+        };
         c.resolver.nameservers = vec![self.dns.addr()];
         c.resolver.timeout = Duration::from_secs(2);
         c.resolver.attempts = 1;
