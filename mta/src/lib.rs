@@ -1,1 +1,19 @@
+//! sluice's delivery workers.
+//!
+//! [`Mta::run`] leases due messages from the spool, groups them by destination domain,
+//! resolves where each domain's mail goes (routes, smart host or MX), and delivers over
+//! SMTP with a client that keeps every reply line. Every reply, and every failure that had
+//! none (refused, timeout, TLS, DNS), is classified by the rules engine; the outcome decides
+//! per recipient: delivered, retried with backoff, or bounced. Events go to the event log.
 
+mod body;
+mod config;
+mod delivery;
+mod outcome;
+mod route;
+pub mod smtp_client;
+mod tls;
+mod worker;
+
+pub use config::{MtaConfig, ResolverSettings, RetrySettings, Timeouts, TlsMode, TlsSettings};
+pub use worker::{Mta, MtaSetupError};

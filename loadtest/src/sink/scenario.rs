@@ -1,0 +1,330 @@
+//! What the sink answers: an ordered list of rules, each saying at which SMTP stage and for
+//! which envelope it applies, and what to do there (a reply, a delay, hanging up).
+//!
+//! A scenario is plain data (`Deserialize`), so a mock ISP can later be described in a file;
+//! new kinds of conditions (e.g. a rate or a probability) are new fields of [`Rule`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Deserialize;
+pub use sluice_rules::Stage;
+
+/// An SMTP reply the sink sends, possibly multi-line.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ReplySpec {
+    pub code: u16,
+    /// The text of each line after the code (enhanced code included, as written).
+    pub lines: Vec<String>,
+}
+
+impl ReplySpec {
+    /// A one-line reply.
+    pub fn new(code: u16, text: impl Into<String>) -> Self {
+        ReplySpec { code, lines: vec![text.into()] }
+    }
+
+    /// The reply on the wire: `code-text` for all lines but the last, `code text` for it.
+    pub fn to_wire(&self) -> String {
+        let mut out = String::new();
+        for (i, line) in self.lines.iter().enumerate() {
+            let sep = if i + 1 == self.lines.len() { ' ' } else { '-' };
+            out.push_str(&format!("{}{}{}\r\n", self.code, sep, line));
+        }
+        out
+    }
+
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+}
+
+impl FromStr for ReplySpec {
+    type Err = String;
+
+    /// Parses `550 5.1.1 no such user`; several lines are separated by `\n`, and lines after
+    /// the first may repeat the code (`452-4.2.2 full\n452 4.2.2 try later`) or omit it.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut lines = s.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty());
+        let first = lines.next().ok_or("a reply needs at least one line")?;
+        let code_of = |l: &str| -> Option<u16> {
+            let c = l.get(..3)?;
+            let code: u16 = c.parse().ok()?;
+            let sep = l.as_bytes().get(3);
+            ((200..600).contains(&code) && matches!(sep, None | Some(b' ') | Some(b'-'))).then_some(code)
+        };
+        let code = code_of(first).ok_or_else(|| format!("reply {first:?} must start with a code from 200 to 599"))?;
+        let text = |l: &str| -> String {
+            match code_of(l) {
+                Some(c) if c == code => l.get(4..).unwrap_or("").to_string(),
+                _ => l.trim_start().to_string(),
+            }
+        };
+        let mut out = vec![text(first)];
+        out.extend(lines.map(text));
+        Ok(ReplySpec { code, lines: out })
+    }
+}
+
+impl TryFrom<String> for ReplySpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for ReplySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.lines.join(" / "))
+    }
+}
+
+/// Which envelopes a rule applies to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Match {
+    /// Every envelope, at every stage.
+    #[default]
+    Any,
+    /// Recipients whose local part starts with this (case-insensitive).
+    LocalPartPrefix(String),
+    /// One recipient address (case-insensitive).
+    Recipient(String),
+    /// Recipients at this domain (case-insensitive).
+    Domain(String),
+    /// The envelope sender (case-insensitive).
+    Sender(String),
+}
+
+/// The envelope a rule is matched against. Recipient conditions see the recipient being
+/// added at `rcpt`, and any accepted recipient at `data` and `end_of_data`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Envelope<'a> {
+    pub sender: Option<&'a str>,
+    pub recipients: &'a [String],
+}
+
+impl Match {
+    fn matches(&self, env: &Envelope<'_>) -> bool {
+        let any_rcpt = |f: &dyn Fn(&str) -> bool| env.recipients.iter().any(|r| f(r));
+        match self {
+            Match::Any => true,
+            Match::LocalPartPrefix(p) => any_rcpt(&|r| {
+                let local = r.rsplit_once('@').map(|(l, _)| l).unwrap_or(r);
+                local.to_ascii_lowercase().starts_with(&p.to_ascii_lowercase())
+            }),
+            Match::Recipient(a) => any_rcpt(&|r| r.eq_ignore_ascii_case(a)),
+            Match::Domain(d) => any_rcpt(&|r| r.rsplit_once('@').is_some_and(|(_, rd)| rd.eq_ignore_ascii_case(d))),
+            Match::Sender(s) => env.sender.is_some_and(|x| x.eq_ignore_ascii_case(s)),
+        }
+    }
+}
+
+/// One rule: at `stage`, for envelopes matching `when`, wait `delay`, then send `reply`
+/// (the stage's normal reply when `None`) or hang up.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub stage: Stage,
+    #[serde(default)]
+    pub when: Match,
+    #[serde(default)]
+    pub reply: Option<ReplySpec>,
+    #[serde(default, with = "humantime_serde")]
+    pub delay: Option<Duration>,
+    /// Apply only to the first N matches, counted per recipient at `rcpt`, per sender at
+    /// `mail`, per envelope at `data`/`end_of_data` and per server otherwise; then the rule
+    /// is skipped (e.g. "defer twice, then accept").
+    #[serde(default)]
+    pub times: Option<u32>,
+    /// Close the connection (after `delay`) without replying.
+    #[serde(default)]
+    pub disconnect: bool,
+}
+
+impl Rule {
+    /// A rule at `stage` for every envelope that changes nothing yet; refine it with the
+    /// builder methods.
+    pub fn at(stage: Stage) -> Rule {
+        Rule { stage, when: Match::Any, reply: None, delay: None, times: None, disconnect: false }
+    }
+
+    pub fn when(mut self, m: Match) -> Rule {
+        self.when = m;
+        self
+    }
+
+    /// Sets the reply. Panics on a malformed reply: this is for literals in tests and code.
+    pub fn reply(mut self, reply: &str) -> Rule {
+        self.reply = Some(reply.parse().unwrap_or_else(|e| panic!("bad reply literal {reply:?}: {e}")));
+        self
+    }
+
+    pub fn delay(mut self, delay: Duration) -> Rule {
+        self.delay = Some(delay);
+        self
+    }
+
+    pub fn times(mut self, n: u32) -> Rule {
+        self.times = Some(n);
+        self
+    }
+
+    pub fn disconnect(mut self) -> Rule {
+        self.disconnect = true;
+        self
+    }
+}
+
+/// What the sink does at one stage.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Action {
+    pub delay: Option<Duration>,
+    /// `None`: the normal reply for the stage.
+    pub reply: Option<ReplySpec>,
+    pub disconnect: bool,
+}
+
+/// The rules of a mock server, first match wins.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario::standard()
+    }
+}
+
+impl Scenario {
+    /// Accepts everything.
+    pub fn accept_all() -> Scenario {
+        Scenario { rules: Vec::new() }
+    }
+
+    /// Recipients whose local part starts with `bounce` are rejected with `550 5.1.1`, with
+    /// `defer` deferred with `451 4.7.1`; everything else is accepted.
+    pub fn standard() -> Scenario {
+        Scenario::accept_all()
+            .rule(
+                Rule::at(Stage::Rcpt)
+                    .when(Match::LocalPartPrefix("bounce".into()))
+                    .reply("550 5.1.1 The email account that you tried to reach does not exist"),
+            )
+            .rule(Rule::at(Stage::Rcpt).when(Match::LocalPartPrefix("defer".into())).reply("451 4.7.1 Try again later"))
+    }
+
+    /// Appends a rule (it applies after the existing ones).
+    pub fn rule(mut self, rule: Rule) -> Scenario {
+        self.rules.push(rule);
+        self
+    }
+
+    /// Puts a rule before the existing ones.
+    pub fn first(mut self, rule: Rule) -> Scenario {
+        self.rules.insert(0, rule);
+        self
+    }
+}
+
+/// A scenario plus the per-rule counters that `times` needs.
+pub(crate) struct ScenarioState {
+    pub scenario: Scenario,
+    hits: Mutex<HashMap<(usize, String), u32>>,
+}
+
+impl ScenarioState {
+    pub fn new(scenario: Scenario) -> Self {
+        ScenarioState { scenario, hits: Mutex::new(HashMap::new()) }
+    }
+
+    /// The action of the first matching rule at `stage` (the default action if none).
+    pub fn decide(&self, stage: Stage, env: &Envelope<'_>) -> Action {
+        for (i, rule) in self.scenario.rules.iter().enumerate() {
+            if rule.stage != stage || !rule.when.matches(env) {
+                continue;
+            }
+            if let Some(limit) = rule.times {
+                let key = match stage {
+                    Stage::Rcpt => env.recipients.first().map(|r| r.to_ascii_lowercase()).unwrap_or_default(),
+                    Stage::Mail => env.sender.unwrap_or("").to_ascii_lowercase(),
+                    Stage::Data | Stage::EndOfData => {
+                        format!("{}>{}", env.sender.unwrap_or(""), env.recipients.join(",")).to_ascii_lowercase()
+                    }
+                    _ => String::new(),
+                };
+                let mut hits = self.hits.lock().expect("scenario lock");
+                let n = hits.entry((i, key)).or_insert(0);
+                if *n >= limit {
+                    continue;
+                }
+                *n += 1;
+            }
+            return Action { delay: rule.delay, reply: rule.reply.clone(), disconnect: rule.disconnect };
+        }
+        Action::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rcpt(addr: &str) -> Vec<String> {
+        vec![addr.to_string()]
+    }
+
+    #[test]
+    fn reply_specs_parse_single_and_multi_line() {
+        let r: ReplySpec = "550 5.7.606 Access denied".parse().unwrap();
+        assert_eq!((r.code, r.lines.clone()), (550, vec!["5.7.606 Access denied".to_string()]));
+        assert_eq!(r.to_wire(), "550 5.7.606 Access denied\r\n");
+        let r: ReplySpec = "452-4.2.2 over quota\n452 4.2.2 try later".parse().unwrap();
+        assert_eq!(r.to_wire(), "452-4.2.2 over quota\r\n452 4.2.2 try later\r\n");
+        assert!("hello".parse::<ReplySpec>().is_err());
+        assert!("".parse::<ReplySpec>().is_err());
+        assert!("700 nope".parse::<ReplySpec>().is_err());
+    }
+
+    #[test]
+    fn standard_scenario_bounces_and_defers_by_local_part() {
+        let s = ScenarioState::new(Scenario::standard());
+        let act = |a: &str| s.decide(Stage::Rcpt, &Envelope { sender: None, recipients: &rcpt(a) }).reply.map(|r| r.code);
+        assert_eq!(act("Bounce-1@x.test"), Some(550));
+        assert_eq!(act("defer7@x.test"), Some(451));
+        assert_eq!(act("ok@x.test"), None);
+    }
+
+    #[test]
+    fn times_limits_a_rule_per_recipient() {
+        let s = ScenarioState::new(
+            Scenario::accept_all().rule(Rule::at(Stage::Rcpt).when(Match::Domain("x.test".into())).reply("451 4.3.0 later").times(2)),
+        );
+        let a = rcpt("a@x.test");
+        let b = rcpt("b@x.test");
+        let code = |r: &[String]| s.decide(Stage::Rcpt, &Envelope { sender: None, recipients: r }).reply.map(|r| r.code);
+        assert_eq!([code(&a), code(&a), code(&a)], [Some(451), Some(451), None]);
+        assert_eq!(code(&b), Some(451), "counted per recipient");
+    }
+
+    #[test]
+    fn scenarios_deserialize_from_data() {
+        let s: Scenario = serde_json::from_value(serde_json::json!({
+            "rules": [
+                {"stage": "connect", "reply": "421 4.7.0 too many connections", "times": 1},
+                {"stage": "end_of_data", "when": {"sender": "slow@x.test"}, "delay": "2s"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(s.rules[0].reply.as_ref().unwrap().code, 421);
+        assert_eq!(s.rules[1].delay, Some(Duration::from_secs(2)));
+        assert_eq!(s.rules[1].when, Match::Sender("slow@x.test".into()));
+    }
+}

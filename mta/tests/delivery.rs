@@ -1,0 +1,292 @@
+//! Delivery through the whole stack: spool → MTA → TestDns → Sink, checked in the sink, the
+//! spool and the event log.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Bench, WAIT};
+use sluice_load::sink::{Match, Rule, Scenario, SinkConfig, Stage};
+use sluice_rules::EnhancedCode;
+use sluice_spool::RecipientState;
+
+#[tokio::test]
+async fn delivers_envelope_and_body_with_prepended_headers() {
+    let bench = Bench::new(SinkConfig::default()).await;
+    bench.mx_to_sink("dest.test");
+    let body = "Subject: hi\r\nFrom: sender@origin.test\r\n\r\nline\r\n.\r\n..two\r\n.leading\nbare lf\r\nno final break";
+    let mut msg = common::message("dest.test", &["a@dest.test", "b@dest.test"], body);
+    msg.meta.prepend_headers = Some("DKIM-Signature: v=1; d=origin.test;\r\n b=abc\r\n".into());
+    let id = msg.meta.id;
+    bench.spool.enqueue(vec![msg]).await.unwrap();
+    let mta = bench.start(bench.config());
+
+    assert!(bench.sink.wait_for_messages(1, WAIT).await);
+    let events = bench.events(2).await;
+    mta.stop().await;
+
+    let got = &bench.sink.messages()[0];
+    assert_eq!(got.mail_from, "sender@origin.test");
+    assert_eq!(got.rcpt_to, ["a@dest.test", "b@dest.test"]);
+    assert_eq!(got.helo, "mta.test");
+    assert_eq!(
+        std::str::from_utf8(&got.data).unwrap(),
+        "DKIM-Signature: v=1; d=origin.test;\r\n b=abc\r\nSubject: hi\r\nFrom: sender@origin.test\r\n\r\nline\r\n.\r\n..two\r\n.leading\r\nbare lf\r\nno final break\r\n"
+    );
+    for e in &events {
+        assert_eq!(e["event"], "delivered");
+        assert!(e["response"].as_str().unwrap().starts_with("250 2.0.0"), "{e}");
+        assert_eq!(e["tls"], 0);
+        assert_eq!(e["ip"], "127.0.0.1");
+        assert_eq!(e["mx"], "mx.dest.test");
+        assert!(e["sg_message_id"].as_str().unwrap().starts_with("XMSG."));
+    }
+    assert!(bench.meta(id).await.is_none(), "completed messages leave the spool");
+}
+
+#[tokio::test]
+async fn mixed_recipient_outcomes_update_spool_and_events() {
+    let bench = Bench::new(SinkConfig::default()).await;
+    bench.mx_to_sink("dest.test");
+    let id = bench.enqueue("dest.test", &["ok@dest.test", "bounce-x@dest.test", "defer-y@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mta = bench.start(bench.config());
+    let events = bench.events(3).await;
+    mta.stop().await;
+
+    let by = |email: &str| events.iter().find(|e| e["email"] == email).unwrap().clone();
+    assert_eq!(by("ok@dest.test")["event"], "delivered");
+    let bounce = by("bounce-x@dest.test");
+    assert_eq!(bounce["event"], "bounce");
+    assert_eq!(bounce["status"], "5.1.1");
+    assert_eq!(bounce["type"], "bounce");
+    assert_eq!(bounce["bounce_classification"], "Invalid Address");
+    assert_eq!(bounce["sluice_rule"], "builtin:rfc3463:x.1.1");
+    assert_eq!(bounce["sluice_rules_version"], "recording-1");
+    assert!(bounce["reason"].as_str().unwrap().starts_with("550 5.1.1 The email account"));
+    let deferred = by("defer-y@dest.test");
+    assert_eq!(deferred["event"], "deferred");
+    assert_eq!(deferred["attempt"], "1");
+    assert_eq!(deferred["response"], "451 4.7.1 Try again later");
+
+    let meta = bench.meta(id).await.expect("still queued for the deferred recipient");
+    let states: Vec<RecipientState> = meta.recipients.iter().map(|r| r.state).collect();
+    assert_eq!(states, [RecipientState::Delivered, RecipientState::Failed, RecipientState::Pending]);
+    assert_eq!(meta.attempts, 1);
+    assert!(meta.due_at > sluice_spool::now_ms() + 60_000, "next attempt follows the retry interval");
+    assert_eq!(meta.last_reply.as_deref(), Some("451 4.7.1 Try again later"));
+    assert_eq!(meta.recipients[1].last_reply.as_deref().map(|r| &r[..9]), Some("550 5.1.1"));
+    let got = bench.sink.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, ["ok@dest.test"]);
+}
+
+#[tokio::test]
+async fn deferred_recipients_are_retried_until_delivered() {
+    let scenario = Scenario::accept_all()
+        .rule(Rule::at(Stage::Rcpt).when(Match::LocalPartPrefix("flaky".into())).reply("451 4.2.1 Mailbox busy").times(1));
+    let bench = Bench::new(SinkConfig { scenario, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    let id = bench.enqueue("dest.test", &["flaky@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut config = bench.config();
+    config.retry.initial = Duration::from_secs(1);
+    let mta = bench.start(config);
+
+    assert!(bench.sink.wait_for_messages(1, WAIT).await);
+    let events = bench.events(2).await;
+    mta.stop().await;
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["deferred", "delivered"]);
+    assert!(bench.meta(id).await.is_none());
+}
+
+#[tokio::test]
+async fn expired_messages_bounce_with_4_4_7() {
+    let bench = Bench::new(SinkConfig::default()).await;
+    bench.mx_to_sink("dest.test");
+    let mut msg = common::message("dest.test", &["defer-1@dest.test"], "Subject: s\r\n\r\nb\r\n");
+    msg.meta.expires_at = msg.meta.created_at + 1_000;
+    let id = msg.meta.id;
+    bench.spool.enqueue(vec![msg]).await.unwrap();
+    let mta = bench.start(bench.config());
+    let e = bench.event_for(1, "defer-1@dest.test").await;
+    mta.stop().await;
+
+    assert_eq!(e["event"], "bounce");
+    assert_eq!(e["status"], "4.4.7");
+    assert_eq!(e["type"], "blocked");
+    let reason = e["reason"].as_str().unwrap();
+    assert!(reason.contains("retries expired after 1 attempts") && reason.ends_with("451 4.7.1 Try again later"), "{reason}");
+    assert!(bench.meta(id).await.is_none());
+}
+
+#[tokio::test]
+async fn several_messages_share_one_connection() {
+    let bench = Bench::new(SinkConfig::default()).await;
+    bench.mx_to_sink("dest.test");
+    let msgs: Vec<_> = (0..3).map(|i| common::message("dest.test", &[&format!("r{i}@dest.test")], "Subject: s\r\n\r\nb\r\n")).collect();
+    bench.spool.enqueue(msgs).await.unwrap();
+    let mta = bench.start(bench.config());
+    assert!(bench.sink.wait_for_messages(3, WAIT).await);
+    bench.events(3).await;
+    mta.stop().await;
+
+    let got = bench.sink.messages();
+    assert!(got.iter().all(|m| m.connection == got[0].connection), "{got:?}");
+    assert_eq!(bench.sink.stats().connections, 1);
+}
+
+#[tokio::test]
+async fn an_idle_connection_picks_up_new_mail_for_its_destination() {
+    let bench = Bench::new(SinkConfig::default()).await;
+    bench.mx_to_sink("dest.test");
+    let mut config = bench.config();
+    // One slot: while the idle connection holds it, only that connection can lease.
+    config.max_concurrent_deliveries = 1;
+    config.timeouts.idle = Duration::from_secs(60);
+    bench.enqueue("dest.test", &["first@dest.test"], "Subject: 1\r\n\r\nb\r\n").await;
+    let mta = bench.start(config);
+    assert!(bench.sink.wait_for_messages(1, WAIT).await);
+    bench.enqueue("dest.test", &["second@dest.test"], "Subject: 2\r\n\r\nb\r\n").await;
+    mta.waker.notify_one();
+    assert!(bench.sink.wait_for_messages(2, WAIT).await);
+    mta.stop().await;
+
+    let got = bench.sink.messages();
+    assert_eq!(got[0].connection, got[1].connection);
+    assert_eq!(bench.sink.stats().connections, 1);
+}
+
+#[tokio::test]
+async fn starttls_is_used_when_offered() {
+    let bench = Bench::new(SinkConfig { starttls: true, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mta = bench.start(bench.config());
+    assert!(bench.sink.wait_for_messages(1, WAIT).await);
+    let e = bench.event_for(1, "a@dest.test").await;
+    mta.stop().await;
+    assert!(bench.sink.messages()[0].tls);
+    assert_eq!(e["tls"], 1);
+}
+
+#[tokio::test]
+async fn required_tls_defers_when_the_server_has_none() {
+    let bench = Bench::new(SinkConfig::default()).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut config = bench.config();
+    config.tls.mode = sluice_mta::TlsMode::Required;
+    let mta = bench.start(config);
+    let e = bench.event_for(1, "a@dest.test").await;
+    mta.stop().await;
+    assert_eq!(e["event"], "deferred");
+    assert!(e["response"].as_str().unwrap().starts_with("451 4.7.10"), "{e}");
+    assert!(bench.sink.messages().is_empty());
+}
+
+#[tokio::test]
+async fn a_stalling_server_times_out_into_a_deferral() {
+    let scenario = Scenario::accept_all().rule(Rule::at(Stage::Rcpt).delay(Duration::from_secs(600)));
+    let bench = Bench::new(SinkConfig { scenario, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut config = bench.config();
+    config.timeouts.rcpt = Duration::from_millis(300);
+    let mta = bench.start(config);
+    let e = bench.event_for(1, "a@dest.test").await;
+    mta.stop().await;
+    assert_eq!(e["event"], "deferred");
+    let response = e["response"].as_str().unwrap();
+    assert!(response.starts_with("451 4.4.2 timed out") && response.contains("RCPT TO"), "{response}");
+}
+
+#[tokio::test]
+async fn vendor_enhanced_codes_reach_the_classifier_intact() {
+    let scenario = Scenario::accept_all().rule(
+        Rule::at(Stage::Rcpt).reply("550-5.7.606 Access denied, banned sending IP [127.0.0.1]\n550 5.7.606 To request removal, see https://example.test"),
+    );
+    let bench = Bench::new(SinkConfig { scenario, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mta = bench.start(bench.config());
+    let e = bench.event_for(1, "a@dest.test").await;
+    mta.stop().await;
+
+    let seen = bench.classifier.seen.lock().unwrap().clone();
+    let rcpt = seen.iter().find(|s| s.stage == Some(sluice_rules::Stage::Rcpt)).expect("the RCPT reply was classified");
+    assert_eq!(rcpt.reply.enhanced, Some(EnhancedCode::new(5, 7, 606)));
+    assert_eq!(
+        rcpt.reply.lines,
+        ["550-5.7.606 Access denied, banned sending IP [127.0.0.1]", "550 5.7.606 To request removal, see https://example.test"]
+    );
+    assert_eq!(rcpt.mx_host.as_deref(), Some("mx.dest.test"));
+    assert_eq!(rcpt.domain.as_deref(), Some("dest.test"));
+    assert_eq!(e["status"], "5.7.606");
+    assert_eq!(e["type"], "bounce");
+}
+
+#[tokio::test]
+async fn transaction_replies_apply_to_every_recipient() {
+    let scenario = Scenario::accept_all()
+        .rule(Rule::at(Stage::EndOfData).when(Match::Domain("spam.test".into())).reply("554 5.7.1 Message rejected as spam"))
+        .rule(Rule::at(Stage::Mail).when(Match::Sender("blocked@origin.test".into())).reply("451 4.7.0 Sender temporarily blocked"));
+    let bench = Bench::new(SinkConfig { scenario, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("spam.test");
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("spam.test", &["a@spam.test", "b@spam.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut blocked = common::message("dest.test", &["c@dest.test", "d@dest.test"], "Subject: s\r\n\r\nb\r\n");
+    blocked.meta.mail_from = "blocked@origin.test".into();
+    bench.spool.enqueue(vec![blocked]).await.unwrap();
+    let mta = bench.start(bench.config());
+    let events = bench.events(4).await;
+    mta.stop().await;
+
+    for email in ["a@spam.test", "b@spam.test"] {
+        let e = events.iter().find(|e| e["email"] == email).unwrap();
+        assert_eq!((e["event"].as_str(), e["status"].as_str()), (Some("bounce"), Some("5.7.1")), "{e}");
+    }
+    for email in ["c@dest.test", "d@dest.test"] {
+        let e = events.iter().find(|e| e["email"] == email).unwrap();
+        assert_eq!(e["event"], "deferred");
+        assert_eq!(e["response"], "451 4.7.0 Sender temporarily blocked");
+    }
+}
+
+#[tokio::test]
+async fn helo_is_used_when_ehlo_is_refused() {
+    let scenario = Scenario::standard().first(Rule::at(Stage::Ehlo).reply("500 5.5.1 Unrecognized command").times(1));
+    let bench = Bench::new(SinkConfig { scenario, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["ok@dest.test", "bounce1@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mta = bench.start(bench.config());
+    let events = bench.events(2).await;
+    mta.stop().await;
+    let kinds: Vec<(&str, &str)> = events.iter().map(|e| (e["email"].as_str().unwrap(), e["event"].as_str().unwrap())).collect();
+    assert!(kinds.contains(&("ok@dest.test", "delivered")) && kinds.contains(&("bounce1@dest.test", "bounce")), "{kinds:?}");
+    assert_eq!(bench.sink.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_falls_back_to_plain_text_or_defers_when_tls_is_required() {
+    // The sink's certificate is self-signed, so verification against the system roots fails.
+    let bench = Bench::new(SinkConfig { starttls: true, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut config = bench.config();
+    config.tls.verify_certificates = true;
+    let mta = bench.start(config.clone());
+    let e = bench.event_for(1, "a@dest.test").await;
+    mta.stop().await;
+    assert_eq!((e["event"].as_str(), e["tls"].as_u64()), (Some("delivered"), Some(0)), "{e}");
+    assert!(!bench.sink.messages()[0].tls);
+    assert_eq!(bench.sink.stats().connections, 2, "a TLS attempt, then plain text");
+
+    bench.enqueue("dest.test", &["b@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    config.tls.mode = sluice_mta::TlsMode::Required;
+    let mta = bench.start(config);
+    let e = bench.event_for(2, "b@dest.test").await;
+    mta.stop().await;
+    assert_eq!(e["event"], "deferred");
+    assert!(e["response"].as_str().unwrap().starts_with("421 4.7.5 TLS handshake with mx.dest.test failed"), "{e}");
+    assert_eq!(bench.sink.messages().len(), 1);
+}
