@@ -44,7 +44,7 @@ pub struct MtaConfig {
 impl Default for MtaConfig {
     fn default() -> Self {
         MtaConfig {
-            ehlo_hostname: "localhost".into(),
+            ehlo_hostname: machine_hostname(),
             max_concurrent_deliveries: 100,
             lease_batch: 200,
             lease_for: Duration::from_secs(600),
@@ -235,6 +235,15 @@ impl HostPort {
 }
 
 /// A syntactically valid DNS host name (letters, digits, hyphens, underscores and dots).
+/// The kernel's host name (the default EHLO name), `localhost` if unreadable or not a name.
+fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|n| n.trim().to_string())
+        .ok()
+        .filter(|n| is_hostname(n))
+        .unwrap_or_else(|| "localhost".into())
+}
+
 fn is_hostname(s: &str) -> bool {
     let s = s.trim_end_matches('.');
     !s.is_empty()
