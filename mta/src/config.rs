@@ -244,7 +244,7 @@ fn machine_hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn is_hostname(s: &str) -> bool {
+pub(crate) fn is_hostname(s: &str) -> bool {
     let s = s.trim_end_matches('.');
     !s.is_empty()
         && s.len() <= 253

@@ -141,6 +141,13 @@ async fn deliver_over(ctx: &Ctx, session: &mut Session, job: &mut Job, cancel: &
             release(ctx, msg).await;
             continue;
         }
+        // Signed before the transaction; the signature reaches the spool with the outcome.
+        let mut msg = msg;
+        if let Err(reply) = ctx.dkim.sign_once(&mut msg.meta, &msg.body).await {
+            let replies = for_all_pending(&msg.meta, &reply, Stage::Data);
+            settle(ctx, msg, replies, &Via::default()).await;
+            continue;
+        }
         if session.sent > 0 {
             let host = session.via.mx_host.clone().unwrap_or_default();
             match session.client.command("RSET", t.mail.min(time_left(deadline))).await {

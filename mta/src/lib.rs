@@ -5,10 +5,12 @@
 //! SMTP with a client that keeps every reply line. Every reply, and every failure that had
 //! none (refused, timeout, TLS, DNS), is classified by the rules engine; the outcome decides
 //! per recipient: delivered, retried with backoff, or bounced. Events go to the event log.
+//! Messages are DKIM-signed once, on their first attempt ([`dkim`]).
 
 mod body;
 mod config;
 mod delivery;
+pub mod dkim;
 mod outcome;
 mod route;
 pub mod smtp_client;

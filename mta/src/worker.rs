@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MtaConfig;
 use crate::delivery::{run_job, Job};
+use crate::dkim::DkimSigning;
 use crate::outcome::release;
 use crate::route::Router;
 
@@ -39,6 +40,8 @@ pub(crate) struct Ctx {
     pub classify: Arc<dyn Classify>,
     pub router: Router,
     pub tls: TlsConnector,
+    /// Signs each message once, before its first attempt.
+    pub dkim: Arc<DkimSigning>,
     /// One permit per open connection.
     pub slots: Arc<Semaphore>,
     /// Jobs waiting for a slot; idle connections give theirs up when this is non-zero.
@@ -62,8 +65,15 @@ impl Mta {
         let router = Router::new(&config)?;
         let tls = crate::tls::connector(&config.tls)?;
         let slots = Arc::new(Semaphore::new(config.max_concurrent_deliveries));
-        let ctx = Ctx { config, spool, events, classify, router, tls, slots, waiting_jobs: AtomicUsize::new(0) };
+        let dkim = Arc::new(DkimSigning::disabled());
+        let ctx = Ctx { config, spool, events, classify, router, tls, dkim, slots, waiting_jobs: AtomicUsize::new(0) };
         Ok(Mta { ctx: Arc::new(ctx), waker: Arc::new(Notify::new()) })
+    }
+
+    /// DKIM-signs outgoing mail with `dkim` (the default signs nothing).
+    pub fn with_dkim(mut self, dkim: Arc<DkimSigning>) -> Mta {
+        Arc::get_mut(&mut self.ctx).expect("the MTA context is shared only once it runs").dkim = dkim;
+        self
     }
 
     /// Notify this when new mail was accepted, so idle workers look at once instead of at

@@ -1,0 +1,167 @@
+//! DKIM signing (RFC 6376; Ed25519 per RFC 8463).
+//!
+//! A message is signed once, by the MTA, on its first delivery attempt: the
+//! `DKIM-Signature:` headers go into `meta.prepend_headers`, which the delivery prepends on
+//! the wire and the spool keeps with every reschedule, so retries send the same bytes and
+//! never sign again. The signature covers exactly what is sent: the prepended headers that
+//! were there before, then the spooled message.
+//!
+//! [`DkimPolicy`] decides which domain signs (pure; the edge uses it to refuse unsignable
+//! mail at ingestion), the key ring holds every key parsed once at start-up, and the
+//! cryptography (mail-auth on aws-lc-rs) runs on the blocking pool, at most
+//! `max_parallel_signing` at a time.
+
+mod config;
+mod keys;
+mod policy;
+mod sign;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sluice_rules::{EnhancedCode, Reply};
+use sluice_spool::MessageMeta;
+use tokio::sync::Semaphore;
+
+pub use config::{DkimConfig, DkimKeyConfig, Fallback, TenantDkimConfig};
+pub use keys::{DnsRecord, KeyAlgorithm, KeyError, PrivateKey};
+pub use policy::{Decision, DkimPolicy, HeaderFacts, SIGNED_HEADERS};
+pub use sign::SignError;
+
+use sign::KeyRing;
+
+/// Why DKIM signing could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DkimError {
+    /// A configuration value is invalid (the message names the key).
+    #[error("invalid configuration: dkim.{0}")]
+    Config(String),
+    #[error("dkim.keys[{index}].private_key: {source}")]
+    Key { index: usize, source: KeyError },
+    #[error("dkim.keys[{index}].private_key: the key cannot sign: {reason}")]
+    Unusable { index: usize, reason: String },
+}
+
+/// The MTA's signer: policy, keys and the bounded pool the cryptography runs on.
+pub struct DkimSigning {
+    policy: DkimPolicy,
+    keys: KeyRing,
+    permits: Arc<Semaphore>,
+    /// No keys and no refusals: nothing to look at, every message goes out as it is.
+    inert: bool,
+}
+
+impl DkimSigning {
+    /// Validates `config` and reads every key file. Fails on the first bad key, naming it.
+    pub fn load(config: &DkimConfig) -> Result<DkimSigning, DkimError> {
+        config.validate().map_err(DkimError::Config)?;
+        let keys = KeyRing::load(config)?;
+        let policy = DkimPolicy::from_config(config);
+        let inert = keys.is_empty() && !policy.may_refuse();
+        Ok(DkimSigning { policy, keys, permits: Arc::new(Semaphore::new(config.max_parallel_signing)), inert })
+    }
+
+    /// Signs nothing (no `[dkim]` keys configured).
+    pub fn disabled() -> DkimSigning {
+        DkimSigning {
+            policy: DkimPolicy::from_config(&DkimConfig::default()),
+            keys: KeyRing::empty(),
+            permits: Arc::new(Semaphore::new(1)),
+            inert: true,
+        }
+    }
+
+    pub fn policy(&self) -> &DkimPolicy {
+        &self.policy
+    }
+
+    /// The whole decision and the cryptography, synchronously: the `DKIM-Signature:`
+    /// header lines to prepend to `message`, `Ok(None)` when it goes out unsigned, or
+    /// `Err(reason)` when policy refuses it. For benchmarks and tools; the MTA uses the
+    /// same steps with the cryptography on the blocking pool.
+    pub fn sign_message(&self, tenant: &str, message: &[u8]) -> Result<Option<String>, String> {
+        let facts = HeaderFacts::read(message);
+        match self.policy.decide(tenant, &facts) {
+            Decision::Unsigned => Ok(None),
+            Decision::Refuse(reason) => Err(reason),
+            Decision::Sign { domain } => self.keys.sign(&domain, &facts, &[message]).map(Some).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Signs a leased message unless it was signed before (it then carries its signature in
+    /// `prepend_headers`) or policy says unsigned. The caller hands `meta` back to the
+    /// spool with the attempt's outcome, which stores the signature for every retry.
+    ///
+    /// `Err` is the reply every pending recipient gets instead of an attempt: `550 5.7.1`
+    /// when policy refuses the message, `451 4.3.0` when signing failed (a local problem
+    /// worth retrying once an operator fixed it).
+    pub(crate) async fn sign_once(self: &Arc<Self>, meta: &mut MessageMeta, body: &Bytes) -> Result<(), Reply> {
+        if self.inert || already_signed(meta.prepend_headers.as_deref()) {
+            return Ok(());
+        }
+        // Only the header section is parsed: cheap enough for the reactor.
+        let facts = HeaderFacts::read(body);
+        let domain = match self.policy.decide(&meta.tenant, &facts) {
+            Decision::Unsigned => {
+                metrics::counter!("sluice_dkim_messages_total", "result" => "unsigned").increment(1);
+                return Ok(());
+            }
+            Decision::Refuse(reason) => {
+                metrics::counter!("sluice_dkim_messages_total", "result" => "refused").increment(1);
+                return Err(Reply::synthetic(550, EnhancedCode::new(5, 7, 1), &format!("not sent: {reason}")));
+            }
+            Decision::Sign { domain } => domain,
+        };
+        let permit = self.permits.clone().acquire_owned().await.expect("the signing semaphore is never closed");
+        let this = self.clone();
+        let prepend = meta.prepend_headers.as_deref().map(|p| p.trim_end_matches(['\r', '\n']).to_string()).filter(|p| !p.is_empty());
+        let body = body.clone();
+        let signed = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let chunks: Vec<&[u8]> = match &prepend {
+                Some(p) => vec![p.as_bytes(), b"\r\n", &body],
+                None => vec![&body],
+            };
+            this.keys.sign(&domain, &facts, &chunks).map(|sig| match &prepend {
+                Some(p) => format!("{sig}{p}\r\n"),
+                None => sig,
+            })
+        })
+        .await;
+        match signed {
+            Ok(Ok(headers)) => {
+                metrics::counter!("sluice_dkim_messages_total", "result" => "signed").increment(1);
+                meta.prepend_headers = Some(headers);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                metrics::counter!("sluice_dkim_messages_total", "result" => "failed").increment(1);
+                tracing::error!(id = %meta.id, error = %e, "DKIM signing failed; the message is retried later");
+                Err(Reply::synthetic(451, EnhancedCode::new(4, 3, 0), &format!("not sent: {e}")))
+            }
+            Err(e) => {
+                tracing::warn!(id = %meta.id, error = %e, "DKIM signing was interrupted; the message is retried later");
+                Err(Reply::synthetic(451, EnhancedCode::new(4, 3, 0), "not sent: DKIM signing was interrupted (shutdown)"))
+            }
+        }
+    }
+}
+
+/// Whether the prepended headers already hold a signature made on an earlier attempt.
+fn already_signed(prepend: Option<&str>) -> bool {
+    prepend.is_some_and(|p| p.lines().any(|l| l.len() >= 15 && l.as_bytes()[..15].eq_ignore_ascii_case(b"dkim-signature:")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_an_earlier_signature() {
+        assert!(already_signed(Some("DKIM-Signature: v=1; a=rsa-sha256;\r\n\tb=abc\r\n")));
+        assert!(already_signed(Some("X-Other: 1\r\ndkim-signature: v=1\r\n")));
+        assert!(!already_signed(Some("X-Other: 1\r\n")));
+        assert!(!already_signed(None));
+        assert!(!already_signed(Some("X: ééééééééé")));
+    }
+}
