@@ -114,18 +114,22 @@ impl DkimSigning {
         };
         let permit = self.permits.clone().acquire_owned().await.expect("the signing semaphore is never closed");
         let this = self.clone();
-        let prepend = meta.prepend_headers.as_deref().map(|p| p.trim_end_matches(['\r', '\n']).to_string()).filter(|p| !p.is_empty());
+        // Earlier prepended lines, each ending in exactly one CRLF as the wire has them
+        // (mail-auth reads each chunk as whole header lines, then the body).
+        let prepend = meta
+            .prepend_headers
+            .as_deref()
+            .map(|p| p.trim_end_matches(['\r', '\n']))
+            .filter(|p| !p.is_empty())
+            .map(|p| format!("{p}\r\n"));
         let body = body.clone();
         let signed = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let chunks: Vec<&[u8]> = match &prepend {
-                Some(p) => vec![p.as_bytes(), b"\r\n", &body],
+                Some(p) => vec![p.as_bytes(), &body],
                 None => vec![&body],
             };
-            this.keys.sign(&domain, &facts, &chunks).map(|sig| match &prepend {
-                Some(p) => format!("{sig}{p}\r\n"),
-                None => sig,
-            })
+            this.keys.sign(&domain, &facts, &chunks).map(|sig| sig + prepend.as_deref().unwrap_or(""))
         })
         .await;
         match signed {

@@ -122,6 +122,16 @@ impl Bench {
 
     pub fn start(&self, config: MtaConfig) -> Running {
         let mta = Mta::new(config, self.spool.clone(), self.events.clone(), self.classifier.clone()).unwrap();
+        Self::run(mta)
+    }
+
+    /// Starts an MTA that DKIM-signs with `dkim`.
+    pub fn start_with_dkim(&self, config: MtaConfig, dkim: sluice_mta::dkim::DkimSigning) -> Running {
+        let mta = Mta::new(config, self.spool.clone(), self.events.clone(), self.classifier.clone()).unwrap();
+        Self::run(mta.with_dkim(Arc::new(dkim)))
+    }
+
+    fn run(mta: Mta) -> Running {
         let waker = mta.waker();
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(mta.run(cancel.clone()));
