@@ -44,6 +44,9 @@ pub struct Config {
     pub http: sluice_edge::http::HttpConfig,
     pub smtp: sluice_edge::smtp::SmtpConfig,
     pub mta: sluice_mta::MtaConfig,
+    /// DKIM signing keys and the policy for mail without a key (used by the MTA to sign and
+    /// by the edge to refuse unsignable mail).
+    pub dkim: sluice_mta::dkim::DkimConfig,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             http: Default::default(),
             smtp: Default::default(),
             mta: Default::default(),
+            dkim: Default::default(),
         }
     }
 }
@@ -179,6 +183,7 @@ impl Config {
         section("http", self.http.validate())?;
         section("smtp", self.smtp.validate())?;
         section("mta", self.mta.validate())?;
+        section("dkim", self.dkim.validate())?;
         sluice_edge::ApiKeys::from_config(&self.api_keys)
             .map_err(|e| ConfigError::Invalid { key: format!("api_keys[{}].{}", e.index, e.field), reason: e.reason })?;
         if self.spool.backend == SpoolBackend::Rados {

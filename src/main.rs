@@ -1,8 +1,9 @@
 //! The `sluice` binary: runs the edge and/or the MTA (`sluice serve`) and the operators'
-//! tools (`sluice apikey`, `sluice config check`).
+//! tools (`sluice apikey`, `sluice dkim`, `sluice config check`).
 
 mod apikey;
 mod config;
+mod dkim_cli;
 mod serve;
 mod telemetry;
 
@@ -38,6 +39,11 @@ enum Command {
         #[command(subcommand)]
         command: apikey::ApiKeyCommand,
     },
+    /// Generate DKIM keys and print the DNS records that publish them.
+    Dkim {
+        #[command(subcommand)]
+        command: dkim_cli::DkimCommand,
+    },
     /// Check a config file and exit: prints the first bad key and why.
     Config {
         #[command(subcommand)]
@@ -56,9 +62,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, role, data_dir } => serve::run(config, role, data_dir),
         Command::Apikey { command } => apikey::run(command),
-        Command::Config { command: ConfigCommand::Check { file } } => {
-            config::Config::load(Some(&file)).map(|_| println!("{}: ok", file.display())).map_err(Into::into)
-        }
+        Command::Dkim { command } => dkim_cli::run(command),
+        Command::Config { command: ConfigCommand::Check { file } } => config::Config::load(Some(&file))
+            .map_err(anyhow::Error::from)
+            .and_then(|c| dkim_cli::check_keys(&c))
+            .map(|_| println!("{}: ok", file.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@ use sluice_edge::http::HttpEdge;
 use sluice_edge::smtp::SmtpServer;
 use sluice_edge::{ApiKeys, Ingest, Tenant};
 use sluice_events::EventLog;
+use sluice_mta::dkim::DkimSigning;
 use sluice_mta::Mta;
 use sluice_rules::{Builtin, Classify};
 use sluice_spool::{LocalSpool, LocalSpoolOptions, Spool};
@@ -19,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role, SpoolBackend};
-use crate::{apikey, telemetry};
+use crate::{apikey, dkim_cli, telemetry};
 
 pub fn run(config_path: Option<PathBuf>, role: Option<Role>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     telemetry::init_logging();
@@ -102,8 +103,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let mut waker = None;
     if config.role.runs_mta() {
+        let dkim = DkimSigning::load(&config.dkim).context("cannot set up DKIM signing (section [dkim])")?;
         let mta = Mta::new(config.mta.clone(), spool.clone(), events.clone(), classifier.clone())
-            .context("cannot start delivery (section [mta])")?;
+            .context("cannot start delivery (section [mta])")?
+            .with_dkim(Arc::new(dkim));
         waker = Some(mta.waker());
         let cancel = cancel.clone();
         tasks.spawn(async move {
@@ -128,6 +131,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let mut ingest = Ingest::new(spool.clone(), events.clone(), config.mta.retry.max_age);
         if let Some(w) = &waker {
             ingest = ingest.with_waker(w.clone());
+        }
+        if let Some(check) = dkim_cli::admission(&config.dkim) {
+            ingest = ingest.with_admission(check);
         }
         let http_listener = bind(config.http.listen, "http.listen").await?;
         let smtp_listener = bind(config.smtp.listen, "smtp.listen").await?;

@@ -8,4 +8,4 @@ pub mod smtp;
 pub mod submit;
 
 pub use auth::{ApiKeyConfig, ApiKeys, Tenant};
-pub use submit::{Ingest, Submission};
+pub use submit::{AdmissionCheck, Ingest, Refusal, Submission};

@@ -36,6 +36,20 @@ pub fn recipient_domain(address: &str) -> Option<String> {
     (!d.is_empty()).then_some(d)
 }
 
+/// Why a submission is refused before anything is stored (e.g. DKIM policy: this tenant
+/// may not send mail that no key can sign).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The request field at fault, for the HTTP API's error (`from.email`).
+    pub field: String,
+    /// What happened and what to do, for the client.
+    pub message: String,
+}
+
+/// A check every submission must pass before it is accepted. The binary builds it from
+/// configuration the edge itself knows nothing about (the DKIM policy lives in the MTA crate).
+pub type AdmissionCheck = Arc<dyn Fn(&Submission) -> Result<(), Refusal> + Send + Sync>;
+
 /// Writes submissions into the spool. Shared by the HTTP and SMTP edges.
 #[derive(Clone)]
 pub struct Ingest {
@@ -45,11 +59,28 @@ pub struct Ingest {
     max_age: Duration,
     /// Woken after each accepted batch, so idle delivery workers in this process start at once.
     waker: Option<Arc<Notify>>,
+    admission: Option<AdmissionCheck>,
 }
 
 impl Ingest {
     pub fn new(spool: Arc<dyn Spool>, events: EventLog, max_age: Duration) -> Self {
-        Ingest { spool, events, max_age, waker: None }
+        Ingest { spool, events, max_age, waker: None, admission: None }
+    }
+
+    /// Every submission must pass `check` ([`Ingest::admit`]); the edges answer a refusal
+    /// with HTTP 400 or SMTP 550 5.7.1 and store nothing.
+    pub fn with_admission(mut self, check: AdmissionCheck) -> Self {
+        self.admission = Some(check);
+        self
+    }
+
+    /// Whether `sub` may be accepted. Both edges call it for every submission of a request
+    /// before [`Ingest::accept`], so a refused request stores nothing.
+    pub fn admit(&self, sub: &Submission) -> Result<(), Refusal> {
+        match &self.admission {
+            Some(check) => check(sub),
+            None => Ok(()),
+        }
     }
 
     /// Notifies `waker` whenever mail was accepted (the MTA of the same process listens).
@@ -144,6 +175,26 @@ mod tests {
         assert_eq!(leased[0].meta.recipients.len(), 2);
         assert_eq!(leased[1].meta.queue, "yahoo.com");
         assert_eq!(leased[1].meta.x_message_id, "XID");
+    }
+
+    #[test]
+    fn admission_checks_are_optional_and_see_each_submission() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool: Arc<dyn Spool> = Arc::new(LocalSpool::open(LocalSpoolOptions::new(dir.path())).unwrap());
+        let ingest = Ingest::new(spool, EventLog::disabled(), Duration::from_secs(60));
+        let sub = Submission { tenant: "apikey:strict".into(), ..Default::default() };
+        assert_eq!(ingest.admit(&sub), Ok(()));
+        let refusal = Refusal { field: "from.email".into(), message: "no".into() };
+        let expected = refusal.clone();
+        let ingest = ingest.with_admission(Arc::new(move |s: &Submission| {
+            if s.tenant == "apikey:strict" {
+                Err(refusal.clone())
+            } else {
+                Ok(())
+            }
+        }));
+        assert_eq!(ingest.admit(&sub), Err(expected));
+        assert_eq!(ingest.admit(&Submission { tenant: "apikey:other".into(), ..Default::default() }), Ok(()));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use sluice_spool::SpoolError;
 use tokio::time::timeout_at;
 
-use super::error::ApiError;
+use super::error::{ApiError, FieldError};
 use super::mime::build_message;
 use super::validate::plan;
 use super::{request, HttpEdge};
@@ -181,7 +181,7 @@ impl HttpEdge {
                 return Err(self.messages_too_large(total));
             }
             let smtp_id = own_message_id(env).unwrap_or(smtp_id);
-            submissions.push(Submission {
+            let submission = Submission {
                 tenant: tenant.to_string(),
                 mail_from: env.from.email.clone(),
                 recipients: env.recipients(),
@@ -191,7 +191,10 @@ impl HttpEdge {
                 custom_args: env.custom_args.clone(),
                 ip_pool: plan.ip_pool.clone(),
                 send_at: env.send_at,
-            });
+            };
+            // E.g. DKIM policy: refused mail fails the whole request, and nothing is stored.
+            self.inner.ingest.admit(&submission).map_err(|r| ApiError::bad_request(vec![FieldError::new(r.field, r.message)]))?;
+            submissions.push(submission);
         }
         Ok(Prepared { sandbox: plan.sandbox, submissions })
     }

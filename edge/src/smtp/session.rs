@@ -548,6 +548,11 @@ impl Session {
             ip_pool: prepared.ip_pool,
             send_at: prepared.send_at,
         };
+        if let Err(refusal) = self.shared.ingest.admit(&submission) {
+            metrics::counter!("sluice_smtp_messages_rejected_total", "reason" => "policy").increment(1);
+            info!(peer = %self.peer, tenant = %submission.tenant, reason = %refusal.message, "smtp message refused by policy");
+            return self.reply(out, Reply::with_text(550, [5, 7, 1], refusal.message));
+        }
         let tenant = submission.tenant.clone();
         // Bounded like every other wait; a spool that hangs gets the same answer as one that
         // fails (the client retries; at worst the message is queued twice, never lost).
