@@ -22,10 +22,11 @@ apt_install() {
 # Real peers: Postfix (smtp-source, smtp-sink, and the relay we benchmark against), swaks;
 # Ceph (a real cluster for the RADOS spool) and librados-dev to build against it.
 apt_install postfix swaks ceph-mon ceph-osd ceph-mgr ceph-common librados-dev
-# The official SendGrid client, an independent DKIM verifier, a DNS library for it.
-python3 -c 'import sendgrid, dkim, dns' 2>/dev/null || {
+# The official SendGrid client, an independent DKIM verifier, a DNS library for it, and
+# PyNaCl, without which dkimpy cannot verify Ed25519 signatures.
+python3 -c 'import sendgrid, dkim, dns, nacl' 2>/dev/null || {
   log "installing Python packages"
-  python3 -m pip install -q --disable-pip-version-check sendgrid dkimpy dnspython
+  python3 -m pip install -q --disable-pip-version-check sendgrid dkimpy dnspython pynacl
 }
 
 CEPH_DIR=$(mktemp -d /tmp/sluice-ceph.XXXXXX)
