@@ -59,7 +59,15 @@ struct BufferedSha256 {
 }
 
 impl Writer for BufferedSha256 {
+    #[inline]
     fn write(&mut self, data: &[u8]) {
+        // The common case, one byte: a push, not a memmove call.
+        if let [byte] = data {
+            if self.buffer.len() < HASH_BUFFER {
+                self.buffer.push(*byte);
+                return;
+            }
+        }
         if self.buffer.len() + data.len() > HASH_BUFFER {
             self.context.update(&self.buffer);
             self.buffer.clear();
