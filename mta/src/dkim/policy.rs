@@ -245,8 +245,7 @@ mod tests {
 
     #[test]
     fn top_level_domains_never_match() {
-        let mut c = DkimConfig::default();
-        c.keys = vec![key("example", &[])];
+        let c = DkimConfig { keys: vec![key("example", &[])], ..DkimConfig::default() };
         // "example" alone is refused by validation; even if configured, "a@x.example" must
         // not walk up to it.
         let p = DkimPolicy::from_config(&c);
