@@ -1,7 +1,8 @@
 //! The local spool: an embedded fjall database in one directory, owned by one process.
 //!
 //! Keyspaces: `meta` (id → JSON [`MessageMeta`]), `body` (id → raw message, key-value
-//! separated so large bodies stay out of the LSM's compactions) and `index` (see [`keys`]).
+//! separated so large bodies stay out of the LSM's compactions), `index` (see [`keys`]) and
+//! `suppressions` ([`suppression_key`] → JSON [`Suppression`]).
 //!
 //! Enqueues go through a group committer ([`group_commit`]): batches that arrive while an
 //! fsync is in flight share the next one, and every caller is answered only after the fsync
@@ -21,6 +22,7 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
 
 use crate::spool::{Lease, LeaseRequest, Leased, Spool, SpoolCounts};
+use crate::suppression::{self, suppression_key, Suppression, SuppressionList};
 use crate::{now_ms, Message, MessageId, MessageMeta, SpoolError};
 use group_commit::GroupCommitter;
 use keys::{index_key, index_value, parse_index_key, parse_index_value, queue_prefix};
@@ -59,6 +61,7 @@ pub(crate) struct Store {
     meta: Keyspace,
     body: Keyspace,
     index: Keyspace,
+    suppressions: Keyspace,
     state: Mutex<State>,
 }
 
@@ -103,7 +106,8 @@ impl LocalSpool {
             KeyspaceCreateOptions::default().with_kv_separation(Some(KvSeparationOptions::default()))
         })?;
         let index = db.keyspace("index", KeyspaceCreateOptions::default)?;
-        let store = Arc::new(Store { db, meta, body, index, state: Mutex::new(State::default()) });
+        let suppressions = db.keyspace("suppressions", KeyspaceCreateOptions::default)?;
+        let store = Arc::new(Store { db, meta, body, index, suppressions, state: Mutex::new(State::default()) });
         store.recover()?;
         let committer = GroupCommitter::start(store.clone(), opts.max_batch_messages, opts.max_batch_bytes);
         Ok(LocalSpool { store, committer })
@@ -398,5 +402,54 @@ impl Spool for LocalSpool {
 
     fn backend(&self) -> &'static str {
         "local"
+    }
+}
+
+#[async_trait]
+impl SuppressionList for LocalSpool {
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<(), SpoolError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        blocking(move || {
+            // Synced: a hard bounce is rare next to a message, and a lost entry means one
+            // more send to an address known to be dead.
+            let mut batch = store.db.batch().durability(Some(PersistMode::SyncData));
+            for e in &entries {
+                batch.insert(&store.suppressions, suppression_key(&e.tenant, &e.address), suppression::encode(e)?);
+            }
+            Ok(batch.commit()?)
+        })
+        .await
+    }
+
+    async fn check(&self, tenant: &str, addresses: &[String]) -> Result<Vec<bool>, SpoolError> {
+        let store = self.store.clone();
+        let keys: Vec<String> = addresses.iter().map(|a| suppression_key(tenant, a)).collect();
+        blocking(move || keys.iter().map(|k| Ok(store.suppressions.contains_key(k)?)).collect()).await
+    }
+
+    async fn get(&self, tenant: &str, address: &str) -> Result<Option<Suppression>, SpoolError> {
+        let store = self.store.clone();
+        let key = suppression_key(tenant, address);
+        blocking(move || match store.suppressions.get(&key)? {
+            Some(v) => suppression::decode(&key, &v).map(Some),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn remove(&self, tenant: &str, address: &str) -> Result<bool, SpoolError> {
+        let store = self.store.clone();
+        let key = suppression_key(tenant, address);
+        blocking(move || {
+            let existed = store.suppressions.contains_key(&key)?;
+            let mut batch = store.db.batch().durability(Some(PersistMode::SyncData));
+            batch.remove(&store.suppressions, key);
+            batch.commit()?;
+            Ok(existed)
+        })
+        .await
     }
 }

@@ -10,6 +10,9 @@
 //!   - `q<queue>` → a token rewritten on every insert: the shard's queue directory.
 //!   The shard's owner holds the exclusive cls_lock `sluice-owner` on this object.
 //! - `sluice.msg.NNNN.<id>`: a message body (the RFC 5322 bytes), NNNN its index shard.
+//! - `sluice.suppressions.NN`: the suppression list, [`SUPPRESSION_SHARDS`] objects; omap
+//!   [`crate::suppression_key`] → JSON [`crate::Suppression`], the object chosen by a hash of
+//!   the key so one hot object does not take every bounce of a deployment.
 
 use crate::{MessageId, MessageMeta, SpoolError};
 
@@ -17,6 +20,20 @@ pub const META_OBJECT: &str = "sluice.meta";
 pub const WORKERS_OBJECT: &str = "sluice.workers";
 pub const BODY_PREFIX: &str = "sluice.msg.";
 pub const OWNER_LOCK: &str = "sluice-owner";
+
+/// Objects the suppression list is spread over (fixed: changing it would hide entries).
+pub const SUPPRESSION_SHARDS: u32 = 16;
+
+/// The object holding a suppression key: FNV-1a of the key (written out here because the
+/// hash must never change between versions, which std's hasher does not promise).
+pub fn suppression_object(key: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("sluice.suppressions.{:02}", h % SUPPRESSION_SHARDS)
+}
 
 pub fn shard_object(shard: u32) -> String {
     format!("sluice.shard.{shard:04}")

@@ -33,6 +33,7 @@ use layout::*;
 use shards::Ownership;
 
 use crate::spool::{Lease, LeaseRequest, Leased, Spool, SpoolCounts};
+use crate::suppression::{self, suppression_key, Suppression, SuppressionList};
 use crate::{now_ms, Message, MessageId, MessageMeta, SpoolError};
 
 impl From<RadosError> for SpoolError {
@@ -691,5 +692,68 @@ impl Spool for RadosSpool {
 
     fn backend(&self) -> &'static str {
         "rados"
+    }
+}
+
+/// The suppression list in omap objects shared by every process of the deployment; works
+/// for edge-only processes too (no shard ownership involved).
+#[async_trait]
+impl SuppressionList for RadosSpool {
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<(), SpoolError> {
+        let mut by_object: BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
+        for e in &entries {
+            let key = suppression_key(&e.tenant, &e.address);
+            by_object.entry(suppression_object(&key)).or_default().push((key.into_bytes(), suppression::encode(e)?));
+        }
+        let writes = by_object.into_iter().map(|(oid, kvs)| {
+            let rados = self.inner.rados.clone();
+            async move { rados.write(&oid, WriteOp::new().create(false).omap_set(kvs)).await }
+        });
+        for r in futures::future::join_all(writes).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn check(&self, tenant: &str, addresses: &[String]) -> Result<Vec<bool>, SpoolError> {
+        let keys: Vec<String> = addresses.iter().map(|a| suppression_key(tenant, a)).collect();
+        let mut by_object: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for k in &keys {
+            by_object.entry(suppression_object(k)).or_default().push(k.clone().into_bytes());
+        }
+        let reads = by_object.into_iter().map(|(oid, ks)| {
+            let rados = self.inner.rados.clone();
+            async move {
+                match rados.omap_get_by_keys(&oid, &ks).await {
+                    Ok(found) => Ok(found.into_iter().map(|(k, _)| k).collect::<Vec<_>>()),
+                    Err(e) if e.is_not_found() => Ok(Vec::new()),
+                    Err(e) => Err(SpoolError::from(e)),
+                }
+            }
+        });
+        let mut present = std::collections::HashSet::new();
+        for r in futures::future::join_all(reads).await {
+            present.extend(r?);
+        }
+        Ok(keys.iter().map(|k| present.contains(k.as_bytes())).collect())
+    }
+
+    async fn get(&self, tenant: &str, address: &str) -> Result<Option<Suppression>, SpoolError> {
+        let key = suppression_key(tenant, address);
+        match self.inner.rados.omap_get_by_keys(&suppression_object(&key), &[key.clone().into_bytes()]).await {
+            Ok(found) => found.into_iter().next().map(|(_, v)| suppression::decode(&key, &v)).transpose(),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn remove(&self, tenant: &str, address: &str) -> Result<bool, SpoolError> {
+        if SuppressionList::get(self, tenant, address).await?.is_none() {
+            return Ok(false);
+        }
+        let key = suppression_key(tenant, address);
+        let op = WriteOp::new().omap_rm(vec![key.clone().into_bytes()]);
+        self.inner.rados.write(&suppression_object(&key), op).await?;
+        Ok(true)
     }
 }
