@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sluice_events::EventLog;
 use sluice_rules::Classify;
-use sluice_spool::{LeaseRequest, Leased, Spool};
+use sluice_spool::{LeaseRequest, Leased, Spool, SuppressionList};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsConnector;
@@ -37,6 +37,8 @@ pub(crate) struct Ctx {
     pub spool: Arc<dyn Spool>,
     pub events: EventLog,
     pub classify: Arc<dyn Classify>,
+    /// Where recipients hard-bounced by a rule with `suppress = true` go (none: not kept).
+    pub suppressions: Option<Arc<dyn SuppressionList>>,
     pub router: Router,
     pub tls: TlsConnector,
     /// One permit per open connection.
@@ -62,8 +64,15 @@ impl Mta {
         let router = Router::new(&config)?;
         let tls = crate::tls::connector(&config.tls)?;
         let slots = Arc::new(Semaphore::new(config.max_concurrent_deliveries));
-        let ctx = Ctx { config, spool, events, classify, router, tls, slots, waiting_jobs: AtomicUsize::new(0) };
+        let ctx = Ctx { config, spool, events, classify, suppressions: None, router, tls, slots, waiting_jobs: AtomicUsize::new(0) };
         Ok(Mta { ctx: Arc::new(ctx), waker: Arc::new(Notify::new()) })
+    }
+
+    /// Adds hard-bounced recipients whose rule says `suppress` to `list`, so the edge drops
+    /// later sends to them. Call before [`Mta::run`].
+    pub fn with_suppressions(mut self, list: Arc<dyn SuppressionList>) -> Self {
+        Arc::get_mut(&mut self.ctx).expect("not running yet").suppressions = Some(list);
+        self
     }
 
     /// Notify this when new mail was accepted, so idle workers look at once instead of at
