@@ -44,6 +44,8 @@ pub struct Config {
     pub http: sluice_edge::http::HttpConfig,
     pub smtp: sluice_edge::smtp::SmtpConfig,
     pub mta: sluice_mta::MtaConfig,
+    /// The reply-classification table (docs/rules.md).
+    pub rules: sluice_rules::RulesConfig,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             http: Default::default(),
             smtp: Default::default(),
             mta: Default::default(),
+            rules: Default::default(),
         }
     }
 }
@@ -179,6 +182,7 @@ impl Config {
         section("http", self.http.validate())?;
         section("smtp", self.smtp.validate())?;
         section("mta", self.mta.validate())?;
+        section("rules", self.rules.validate())?;
         sluice_edge::ApiKeys::from_config(&self.api_keys)
             .map_err(|e| ConfigError::Invalid { key: format!("api_keys[{}].{}", e.index, e.field), reason: e.reason })?;
         if self.spool.backend == SpoolBackend::Rados {

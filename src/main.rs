@@ -1,8 +1,9 @@
 //! The `sluice` binary: runs the edge and/or the MTA (`sluice serve`) and the operators'
-//! tools (`sluice apikey`, `sluice config check`).
+//! tools (`sluice apikey`, `sluice config check`, `sluice rules ...`).
 
 mod apikey;
 mod config;
+mod rules_cli;
 mod serve;
 mod telemetry;
 
@@ -38,6 +39,11 @@ enum Command {
         #[command(subcommand)]
         command: apikey::ApiKeyCommand,
     },
+    /// Check, explain, evaluate and compare reply-classification tables (docs/rules.md).
+    Rules {
+        #[command(subcommand)]
+        command: rules_cli::RulesCommand,
+    },
     /// Check a config file and exit: prints the first bad key and why.
     Config {
         #[command(subcommand)]
@@ -56,6 +62,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, role, data_dir } => serve::run(config, role, data_dir),
         Command::Apikey { command } => apikey::run(command),
+        Command::Rules { command } => rules_cli::run(command),
         Command::Config { command: ConfigCommand::Check { file } } => {
             config::Config::load(Some(&file)).map(|_| println!("{}: ok", file.display())).map_err(Into::into)
         }

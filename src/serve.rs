@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_edge::http::HttpEdge;
 use sluice_edge::smtp::SmtpServer;
 use sluice_edge::{ApiKeys, Ingest, Tenant};
 use sluice_events::EventLog;
 use sluice_mta::Mta;
-use sluice_rules::{Builtin, Classify};
-use sluice_spool::{LocalSpool, LocalSpoolOptions, Spool};
+use sluice_rules::{Classify, Engine, Reloaded, TableError};
+use sluice_spool::{LocalSpool, LocalSpoolOptions, Spool, SuppressionList};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,8 @@ pub fn run(config_path: Option<PathBuf>, role: Option<Role>, data_dir: Option<Pa
 /// The spool plus what must happen to it at shutdown.
 struct OpenSpool {
     spool: Arc<dyn Spool>,
+    /// The suppression list, in the same store as the spool.
+    suppressions: Arc<dyn SuppressionList>,
     #[cfg(feature = "rados")]
     rados: Option<Arc<sluice_spool::RadosSpool>>,
 }
@@ -53,8 +55,10 @@ async fn open_spool(config: &Config) -> anyhow::Result<OpenSpool> {
                         config.spool_path().display()
                     )
                 })?;
+            let spool = Arc::new(spool);
             Ok(OpenSpool {
-                spool: Arc::new(spool),
+                spool: spool.clone(),
+                suppressions: spool,
                 #[cfg(feature = "rados")]
                 rados: None,
             })
@@ -72,7 +76,7 @@ async fn open_spool(config: &Config) -> anyhow::Result<OpenSpool> {
             let spool = Arc::new(sluice_spool::RadosSpool::open(opts).await.with_context(|| {
                 format!("cannot open the RADOS spool (pool {} via {})", r.pool, r.conf.as_ref().expect("validated").display())
             })?);
-            Ok(OpenSpool { spool: spool.clone(), rados: Some(spool) })
+            Ok(OpenSpool { spool: spool.clone(), suppressions: spool.clone(), rados: Some(spool) })
         }
         #[cfg(not(feature = "rados"))]
         SpoolBackend::Rados => anyhow::bail!(
@@ -92,18 +96,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let opened = open_spool(&config).await?;
     let spool = opened.spool.clone();
     let events = EventLog::open(&config.events_path()).await?;
-    let classifier: Arc<dyn Classify> = Arc::new(Builtin);
+    let files = config.rules.files.clone();
+    let engine = Arc::new(
+        tokio::task::spawn_blocking(move || Engine::load(files)).await?.context("cannot load the rules table (section [rules])")?,
+    );
+    tracing::info!(version = %engine.version(), rules = engine.table().rules().len(), "rules table loaded");
+    let classifier: Arc<dyn Classify> = engine.clone();
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    // Reload on SIGHUP and (if enabled) when a file changes; both keep the old table on error.
+    tasks.spawn(reload_on_sighup(engine.clone(), cancel.clone()));
+    let _watch = match config.rules.watch {
+        true => sluice_rules::watch_files(engine.clone(), |r| log_reload("file change", &r))
+            .map_err(|e| tracing::warn!(error = %e, "rules: not watching the files"))
+            .ok(),
+        false => None,
+    };
 
     let admin = bind(config.admin.listen, "admin.listen").await?;
     let admin_addr = admin.local_addr()?;
-    tasks.spawn(serve_admin(admin, metrics, spool.clone(), cancel.clone()));
+    tasks.spawn(serve_admin(admin, metrics, spool.clone(), engine.clone(), cancel.clone()));
 
     let mut waker = None;
     if config.role.runs_mta() {
         let mta = Mta::new(config.mta.clone(), spool.clone(), events.clone(), classifier.clone())
-            .context("cannot start delivery (section [mta])")?;
+            .context("cannot start delivery (section [mta])")?
+            .with_suppressions(opened.suppressions.clone());
         waker = Some(mta.waker());
         let cancel = cancel.clone();
         tasks.spawn(async move {
@@ -125,7 +143,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             println!("sluice: quick-start API key in {} (configure [[api_keys]] to replace it)", path.display());
         }
         let keys = Arc::new(keys);
-        let mut ingest = Ingest::new(spool.clone(), events.clone(), config.mta.retry.max_age);
+        let mut ingest =
+            Ingest::new(spool.clone(), events.clone(), config.mta.retry.max_age).with_suppressions(opened.suppressions.clone());
         if let Some(w) = &waker {
             ingest = ingest.with_waker(w.clone());
         }
@@ -187,11 +206,88 @@ async fn shutdown_signal() {
     }
 }
 
-/// `/metrics` (Prometheus), `/healthz`, and `/admin/spool` (counts by state, JSON).
+/// Logs a reload and counts it in `sluice_rules_reloads_total{result}`.
+fn log_reload(trigger: &str, result: &Result<Reloaded, TableError>) {
+    match result {
+        Ok(r) => {
+            metrics::counter!("sluice_rules_reloads_total", "result" => "ok").increment(1);
+            tracing::info!(trigger, version = %r.version, previous = %r.previous, rules = r.rules, "rules table reloaded");
+        }
+        Err(e) => {
+            metrics::counter!("sluice_rules_reloads_total", "result" => "error").increment(1);
+            tracing::error!(trigger, error = %e, "rules table NOT reloaded; the previous table keeps serving");
+        }
+    }
+}
+
+async fn reload_on_sighup(engine: Arc<Engine>, cancel: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = hup.recv() => {
+                let e = engine.clone();
+                let result = tokio::task::spawn_blocking(move || e.reload()).await?;
+                log_reload("SIGHUP", &result);
+            }
+        }
+    }
+}
+
+/// The table version (`sluice_rules_table_info{version}` = 1 for the one in use) and the
+/// hits per rule id (`sluice_rules_hits_total{rule}`), refreshed before each scrape.
+fn export_rules_metrics(engine: &Engine, last_version: &std::sync::Mutex<Option<Arc<str>>>) {
+    let version = engine.version();
+    let mut last = last_version.lock().expect("metrics lock poisoned");
+    if last.as_ref() != Some(&version) {
+        if let Some(old) = last.replace(version.clone()) {
+            metrics::gauge!("sluice_rules_table_info", "version" => old.to_string()).set(0.0);
+        }
+        metrics::gauge!("sluice_rules_table_rules").set(engine.table().rules().len() as f64);
+    }
+    metrics::gauge!("sluice_rules_table_info", "version" => version.to_string()).set(1.0);
+    for (rule, hits) in engine.hits() {
+        metrics::counter!("sluice_rules_hits_total", "rule" => rule).absolute(hits);
+    }
+}
+
+/// `POST /admin/rules/reload`: 200 with the new version, or 422 with the problems (the old
+/// table keeps serving).
+async fn reload_rules(engine: Arc<Engine>) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let e = engine.clone();
+    let result = match tokio::task::spawn_blocking(move || e.reload()).await {
+        Ok(r) => r,
+        Err(e) => {
+            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, axum::Json(serde_json::json!({ "error": e.to_string() })));
+        }
+    };
+    log_reload("admin API", &result);
+    match result {
+        Ok(r) => (
+            axum::http::StatusCode::OK,
+            axum::Json(serde_json::json!({
+                "version": &*r.version, "previous": &*r.previous, "rules": r.rules, "changed": r.changed(),
+            })),
+        ),
+        Err(e) => (
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(serde_json::json!({
+                "error": "the rules table was rejected; the previous table keeps serving",
+                "problems": e.diagnostics(),
+                "version": &*engine.version(),
+            })),
+        ),
+    }
+}
+
+/// `/metrics` (Prometheus), `/healthz`, `/admin/spool` (counts by state, JSON), and
+/// `GET`/`POST /admin/rules[/reload]` (the table in use; reload it).
 async fn serve_admin(
     listener: TcpListener,
     metrics: PrometheusHandle,
     spool: Arc<dyn Spool>,
+    engine: Arc<Engine>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     // Queue-depth gauges, refreshed in the background: counting can be a scan (RADOS).
@@ -212,14 +308,28 @@ async fn serve_admin(
         })
     };
     let upkeep = metrics.clone();
+    let (rules_engine, reload_engine) = (engine.clone(), engine.clone());
+    let last_version = Arc::new(std::sync::Mutex::new(None));
     let app = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
                 let m = metrics.clone();
+                export_rules_metrics(&engine, &last_version);
                 async move { m.render() }
             }),
         )
+        .route(
+            "/admin/rules",
+            get(move || {
+                let e = rules_engine.clone();
+                async move {
+                    let files: Vec<String> = e.files().iter().map(|f| f.display().to_string()).collect();
+                    axum::Json(serde_json::json!({ "version": &*e.version(), "rules": e.table().rules().len(), "files": files }))
+                }
+            }),
+        )
+        .route("/admin/rules/reload", post(move || reload_rules(reload_engine.clone())))
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/admin/spool",

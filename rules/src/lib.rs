@@ -11,6 +11,7 @@
 
 mod builtin;
 mod compile;
+mod config;
 pub mod corpus;
 mod engine;
 mod error;
@@ -23,6 +24,7 @@ mod table;
 mod watch;
 
 pub use builtin::{Builtin, FallbackLayer};
+pub use config::RulesConfig;
 pub use engine::{Engine, Reloaded};
 pub use error::{Diagnostic, TableError};
 pub use outcome::{BounceClass, Disposition, Outcome, ShapingAction, Threshold};
