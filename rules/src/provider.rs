@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 
+/// Keys are host name suffixes from our own table, not attacker-chosen: a fast hash is safe.
+type Index = HashMap<String, usize, foldhash::fast::RandomState>;
+
 /// One provider (`[[provider]]` in a table file).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Provider {
@@ -29,8 +32,8 @@ pub enum Via<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct Providers {
     list: Vec<Provider>,
-    by_mx: HashMap<String, usize>,
-    by_domain: HashMap<String, usize>,
+    by_mx: Index,
+    by_domain: Index,
 }
 
 /// Lower-cases and drops a trailing dot, borrowing when there is nothing to change.
@@ -44,7 +47,7 @@ fn normalize(name: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The longest suffix of `name`, on a label boundary, that `index` knows.
-fn lookup<'a>(index: &'a HashMap<String, usize>, name: &str) -> Option<(usize, &'a str)> {
+fn lookup<'a>(index: &'a Index, name: &str) -> Option<(usize, &'a str)> {
     let name = normalize(name);
     let mut rest: &str = &name;
     loop {
@@ -58,8 +61,8 @@ fn lookup<'a>(index: &'a HashMap<String, usize>, name: &str) -> Option<(usize, &
 impl Providers {
     /// Indexes `list`. A suffix claimed by two providers is an error naming both.
     pub fn new(list: Vec<Provider>) -> Result<Providers, String> {
-        let mut by_mx = HashMap::new();
-        let mut by_domain = HashMap::new();
+        let mut by_mx = Index::default();
+        let mut by_domain = Index::default();
         for (i, p) in list.iter().enumerate() {
             for (index, suffixes, what) in [(&mut by_mx, &p.mx_suffixes, "MX suffix"), (&mut by_domain, &p.domain_suffixes, "domain suffix")] {
                 for s in suffixes {

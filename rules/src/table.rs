@@ -72,7 +72,7 @@ pub struct Rule {
     pub id: String,
     pub description: String,
     pub location: Location,
-    /// Empty: any code.
+    /// Empty: any 4xx or 5xx code (a rule matches a 2xx or 3xx reply only when it names it).
     pub codes: Vec<CodePattern>,
     /// Empty: any enhanced code, or none.
     pub enhanced: Vec<EnhancedPattern>,
@@ -91,7 +91,12 @@ pub struct Rule {
 
 impl Rule {
     fn admits_code(&self, code: u16) -> bool {
-        self.codes.is_empty() || self.codes.iter().any(|c| c.matches(code))
+        if self.codes.is_empty() {
+            // Rules describe failures; a positive reply that happens to contain "spam" or
+            // "quota" must not be relabelled by a rule that never meant it.
+            return code >= 400;
+        }
+        self.codes.iter().any(|c| c.matches(code))
     }
 
     /// Every condition but the text pattern (the table's `RegexSet` answers that).
@@ -113,7 +118,16 @@ impl Rule {
 
     /// Whether this rule matches at least every reply `other` matches (for shadowing).
     fn covers(&self, other: &Rule) -> bool {
-        let codes = self.codes.is_empty() || (!other.codes.is_empty() && other.codes.iter().all(|o| self.codes.iter().any(|s| o.within(s))));
+        let failure = |c: &CodePattern| match c {
+            CodePattern::Exact(x) => *x >= 400,
+            CodePattern::Class(x) => *x >= 4,
+        };
+        let codes = match (self.codes.is_empty(), other.codes.is_empty()) {
+            (true, true) => true,
+            (true, false) => other.codes.iter().all(failure),
+            (false, true) => false,
+            (false, false) => other.codes.iter().all(|o| self.codes.iter().any(|s| o.within(s))),
+        };
         let enhanced = self.enhanced.is_empty()
             || (!other.enhanced.is_empty() && other.enhanced.iter().all(|o| self.enhanced.iter().any(|s| o.within(s))));
         let stages = match (self.stages, other.stages) {
@@ -184,6 +198,9 @@ pub struct Explanation<'t> {
 
 const CLASSES: usize = 4; // reply classes 2, 3, 4, 5
 
+/// Text rules tried one by one before the table's `RegexSet` is consulted.
+const SINGLE_TRIES: usize = 2;
+
 /// A compiled, validated table. Immutable: reloading builds a new one.
 #[derive(Debug)]
 pub struct Table {
@@ -192,6 +209,9 @@ pub struct Table {
     version: Arc<str>,
     /// Candidate rules by (code - 200) × (provider + 1), in table order.
     candidates: Vec<Arc<[u32]>>,
+    /// By code - 200: whether any rule could match the code at all (most 2xx: none), so
+    /// the provider need not even be looked up.
+    any_candidate: Vec<bool>,
     /// By (class - 2) × (provider + 1); `None` when no rule there has a text pattern.
     buckets: Vec<Option<Bucket>>,
     hits: Vec<Arc<AtomicU64>>,
@@ -216,6 +236,7 @@ impl Table {
                 candidates.push(interned.entry(list.clone()).or_insert_with(|| Arc::from(list)).clone());
             }
         }
+        let any_candidate = (200..600u16).map(|code| rules.iter().any(|r| r.admits_code(code))).collect();
         let mut buckets = Vec::with_capacity(CLASSES * scopes);
         for class in 2..6u16 {
             for scope in 0..scopes {
@@ -239,7 +260,7 @@ impl Table {
         }
         let counters = rules.iter().map(|r| hits.counter(&r.id)).collect();
         let fallback_hits = [hits.counter(FallbackLayer::Rfc3463.as_str()), hits.counter(FallbackLayer::Rfc5321.as_str())];
-        Table { rules, providers, version, candidates, buckets, hits: counters, fallback_hits }
+        Table { rules, providers, version, candidates, any_candidate, buckets, hits: counters, fallback_hits }
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -258,25 +279,36 @@ impl Table {
     /// The index of the first rule that matches, if any.
     fn first_match(&self, reply: &Reply, ctx: &Context<'_>) -> Option<usize> {
         let code = reply.code.checked_sub(200).filter(|c| *c < 400)? as usize;
+        if !self.any_candidate[code] {
+            return None;
+        }
         let scope = self.providers.identify(ctx.mx_host, ctx.domain).map_or(0, |p| p + 1);
         let scopes = self.providers.list().len() + 1;
+        let text: Cow<'_, str> = reply.normalized_text();
+        // The first few text rules are tried one by one: usually one of them decides, and a
+        // single regex with literal prefilters is cheaper than a pass of the whole set. Past
+        // them, one pass of the bucket's RegexSet answers for every remaining rule.
+        let mut singles_left = SINGLE_TRIES;
         let mut matched: Option<Vec<u32>> = None;
         for &r in self.candidates[code * scopes + scope].iter() {
             let rule = &self.rules[r as usize];
             if !rule.fits(reply, ctx.stage) {
                 continue;
             }
-            if rule.text.is_some() {
-                // All text patterns of this class and scope, in one pass, once.
-                let m = matched.get_or_insert_with(|| match &self.buckets[(reply.class() as usize - 2) * scopes + scope] {
-                    Some(b) => {
-                        let text: Cow<'_, str> = reply.normalized_text();
-                        b.set.matches(&text).iter().map(|i| b.rule_of[i]).collect()
+            if let Some(t) = &rule.text {
+                if singles_left > 0 && matched.is_none() {
+                    singles_left -= 1;
+                    if !t.regex.is_match(&text) {
+                        continue;
                     }
-                    None => Vec::new(),
-                });
-                if m.binary_search(&r).is_err() {
-                    continue;
+                } else {
+                    let m = matched.get_or_insert_with(|| match &self.buckets[(reply.class() as usize - 2) * scopes + scope] {
+                        Some(b) => b.set.matches(&text).iter().map(|i| b.rule_of[i]).collect(),
+                        None => Vec::new(),
+                    });
+                    if m.binary_search(&r).is_err() {
+                        continue;
+                    }
                 }
             }
             return Some(r as usize);
@@ -323,7 +355,10 @@ impl Table {
     fn why(&self, rule: &Rule, reply: &Reply, ctx: &Context<'_>, text: &str) -> Option<Vec<String>> {
         let mut why = Vec::new();
         if rule.codes.is_empty() {
-            why.push("code: any".to_string());
+            if reply.code < 400 {
+                return None;
+            }
+            why.push(format!("code {}: any 4xx or 5xx", reply.code));
         } else {
             let c = rule.codes.iter().find(|c| c.matches(reply.code))?;
             why.push(format!("code {} matches {c}", reply.code));

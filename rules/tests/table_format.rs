@@ -98,6 +98,7 @@ examples = ["550-5.1.1 The account does not exist. Please try\n550 5.1.1 double-
 [[rule]]
 id = "exact-case"
 description = "d"
+code = "250"
 text = "^OK$"
 case_sensitive = true
 classification = "Unclassified"
@@ -110,6 +111,8 @@ examples = ["250 OK"]
     assert_eq!(t.classify(&multi, &none()).rule_id, "joined");
     assert_eq!(rule_for(&t, "250 OK", none()), "exact-case");
     assert!(rule_for(&t, "250 ok", none()).starts_with("builtin:"), "case_sensitive = true");
+    // a rule without a code never matches a positive reply
+    assert!(rule_for(&t, "250 The account does not exist. Please try double-checking", none()).starts_with("builtin:"));
 }
 
 #[test]
