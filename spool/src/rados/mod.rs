@@ -180,7 +180,8 @@ impl RadosSpool {
         });
         let stop = tokio_util_like::Stop::new();
         if let Some(own) = &inner.ownership {
-            own.tick(&|s| inner.in_flight(s)).await;
+            let taken = own.tick(&|s| inner.in_flight(s)).await;
+            inner.recover_shards(taken).await;
             background.push(tokio::spawn(maintain(inner.clone(), stop.clone())));
         }
         tracing::info!(pool = %inner.opts.pool, shards, owned = inner.ownership.as_ref().map(|o| o.owned_count()), "rados spool: opened");
@@ -289,7 +290,8 @@ async fn maintain(inner: Arc<Inner>, stop: tokio_util_like::Stop) {
             _ = stop.stopped() => return,
             _ = tokio::time::sleep(tick) => {}
         }
-        own.tick(&|s| inner.in_flight(s)).await;
+        let taken = own.tick(&|s| inner.in_flight(s)).await;
+        inner.recover_shards(taken).await;
         let every = inner.opts.sweep_interval;
         if !every.is_zero() && last_sweep.elapsed() >= every {
             last_sweep = Instant::now();
@@ -480,6 +482,7 @@ impl Inner {
             rm.push(old_key.into_bytes());
             set.push((key.clone().into_bytes(), value.encode()?));
             set.push((id_key(id).into_bytes(), key.clone().into_bytes()));
+            set.push((lease_key(id).into_bytes(), key.clone().into_bytes()));
             out.push((key, value));
         }
         self.owner_write(shard, WriteOp::new().omap_rm(rm).omap_set(set)).await?;
@@ -527,7 +530,7 @@ impl Inner {
         let key = index_key(&meta.queue, meta.due_at, meta.id);
         let value = IndexValue { attempts: meta.attempts, leased: false, body_len: held.body_len, meta };
         let op = WriteOp::new()
-            .omap_rm(vec![held.key.clone().into_bytes()])
+            .omap_rm(vec![held.key.clone().into_bytes(), lease_key(lease.id).into_bytes()])
             .omap_set(vec![(key.clone().into_bytes(), value.encode()?), (id_key(lease.id).into_bytes(), key.into_bytes())]);
         self.write_for_lease(lease, held, op).await
     }
@@ -535,7 +538,11 @@ impl Inner {
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
         let held = self.take_lease(lease)?;
         let shard = held.shard;
-        let op = WriteOp::new().omap_rm(vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes()]);
+        let op = WriteOp::new().omap_rm(vec![
+            held.key.clone().into_bytes(),
+            id_key(lease.id).into_bytes(),
+            lease_key(lease.id).into_bytes(),
+        ]);
         self.write_for_lease(lease, held, op).await?;
         // The index no longer refers to the body; if this fails the sweeper removes it.
         match self.rados.remove(&body_object(shard, lease.id)).await {
@@ -548,8 +555,66 @@ impl Inner {
 
     async fn remove_entry(&self, lease: &Lease) -> Result<(), SpoolError> {
         let held = self.take_lease(lease)?;
-        let op = WriteOp::new().omap_rm(vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes()]);
+        let op = WriteOp::new().omap_rm(vec![
+            held.key.clone().into_bytes(),
+            id_key(lease.id).into_bytes(),
+            lease_key(lease.id).into_bytes(),
+        ]);
         self.write_for_lease(lease, held, op).await
+    }
+
+    /// After taking a shard over: the previous owner's leases are void (its writes are fenced),
+    /// so their messages become due now instead of when those leases would have run out.
+    async fn recover_shard(&self, shard: u32) -> Result<usize, SpoolError> {
+        let oid = shard_object(shard);
+        let mut recovered = 0;
+        let mut after = "l".to_string();
+        loop {
+            let page = self.rados.omap_get(&oid, &[OmapQuery { start_after: after.clone(), prefix: "l".into(), max: 500 }]).await?.remove(0);
+            let _guard = self.shard_locks[shard as usize].lock().await;
+            let ours: std::collections::HashSet<MessageId> = self.leases.lock().expect("leases").keys().copied().collect();
+            let stale: Vec<(Vec<u8>, Vec<u8>)> = page
+                .entries
+                .iter()
+                .filter(|(k, _)| {
+                    std::str::from_utf8(k).ok().and_then(|s| s[1..].parse::<MessageId>().ok()).is_some_and(|id| !ours.contains(&id))
+                })
+                .cloned()
+                .collect();
+            if !stale.is_empty() {
+                let ikeys: Vec<Vec<u8>> = stale.iter().map(|(_, v)| v.clone()).collect();
+                let values = self.rados.omap_get_by_keys(&oid, &ikeys).await?;
+                let now = now_ms();
+                let mut rm: Vec<Vec<u8>> = stale.iter().map(|(k, _)| k.clone()).collect();
+                let mut set = Vec::new();
+                for (old_key, v) in values {
+                    let mut value = IndexValue::decode(&v)?;
+                    value.leased = false;
+                    let key = index_key(&value.meta.queue, now, value.meta.id);
+                    set.push((id_key(value.meta.id).into_bytes(), key.clone().into_bytes()));
+                    set.push((key.into_bytes(), value.encode()?));
+                    rm.push(old_key);
+                    recovered += 1;
+                }
+                self.owner_write(shard, WriteOp::new().omap_rm(rm).omap_set(set)).await?;
+            }
+            match page.entries.last() {
+                Some((k, _)) if page.more => after = String::from_utf8_lossy(k).into_owned(),
+                _ => break,
+            }
+        }
+        if recovered > 0 {
+            tracing::info!(shard, recovered, "rados spool: the previous owner's leased messages are due again");
+        }
+        Ok(recovered)
+    }
+
+    async fn recover_shards(&self, shards: Vec<u32>) {
+        for shard in shards {
+            if let Err(e) = self.recover_shard(shard).await {
+                tracing::warn!(shard, error = %e, "rados spool: could not recover the previous owner's leases");
+            }
+        }
     }
 
     async fn get(&self, id: MessageId) -> Result<Option<MessageMeta>, SpoolError> {
