@@ -102,6 +102,14 @@ struct IndexRequest {
     done: oneshot::Sender<Result<(), SpoolError>>,
 }
 
+/// An owner's change to its shard (reschedule, complete): batched with the others waiting
+/// into one fenced write.
+struct SettleRequest {
+    rm: Vec<Vec<u8>>,
+    set: Vec<(Vec<u8>, Vec<u8>)>,
+    done: oneshot::Sender<Result<(), SpoolError>>,
+}
+
 struct Inner {
     rados: Rados,
     shards: u32,
@@ -111,6 +119,8 @@ struct Inner {
     shard_locks: Vec<tokio::sync::Mutex<()>>,
     /// Per-shard group committers for edge index writes.
     committers: Vec<mpsc::Sender<IndexRequest>>,
+    /// Per-shard group committers for the owner's reschedules and completions.
+    settlers: Vec<mpsc::Sender<SettleRequest>>,
     cursor: Mutex<usize>,
     opts: RadosSpoolOptions,
 }
@@ -168,6 +178,7 @@ impl RadosSpool {
             committers.push(tx);
             background.push(tokio::spawn(commit_index(rados.clone(), shard, rx)));
         }
+        let (settlers, settle_rx): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel::<SettleRequest>(4096)).unzip();
         let inner = Arc::new(Inner {
             rados,
             shards,
@@ -175,9 +186,15 @@ impl RadosSpool {
             leases: Mutex::new(HashMap::new()),
             shard_locks: (0..shards).map(|_| tokio::sync::Mutex::new(())).collect(),
             committers,
+            settlers,
             cursor: Mutex::new(0),
             opts,
         });
+        if inner.ownership.is_some() {
+            for (shard, rx) in settle_rx.into_iter().enumerate() {
+                background.push(tokio::spawn(settle(inner.clone(), shard as u32, rx)));
+            }
+        }
         let stop = tokio_util_like::Stop::new();
         if let Some(own) = &inner.ownership {
             let taken = own.tick(&|s| inner.in_flight(s)).await;
@@ -276,6 +293,37 @@ async fn commit_index(rados: Rados, shard: u32, mut rx: mpsc::Receiver<IndexRequ
         metrics::histogram!("sluice_spool_commit_messages").record((n / 3) as f64);
         for r in reqs {
             let _ = r.done.send(result.clone().map_err(SpoolError::from));
+        }
+    }
+}
+
+/// Group commit of an owner's reschedules and completions on one shard: everything waiting
+/// goes out in one fenced write.
+async fn settle(inner: Arc<Inner>, shard: u32, mut rx: mpsc::Receiver<SettleRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first];
+        while reqs.len() < 1024 {
+            match rx.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut rm = Vec::new();
+        let mut set = Vec::new();
+        for r in &mut reqs {
+            rm.append(&mut r.rm);
+            set.append(&mut r.set);
+        }
+        let result = {
+            let _guard = inner.shard_locks[shard as usize].lock().await;
+            inner.owner_write(shard, WriteOp::new().omap_rm(rm).omap_set(set)).await
+        };
+        for r in reqs {
+            let _ = r.done.send(match &result {
+                Ok(()) => Ok(()),
+                Err(SpoolError::Unavailable(e)) => Err(SpoolError::Unavailable(e.clone())),
+                Err(e) => Err(SpoolError::Storage(e.to_string())),
+            });
         }
     }
 }
@@ -509,11 +557,18 @@ impl Inner {
 
     /// Runs a fenced write for a held lease; on failure the lease is put back unless the
     /// shard was lost (then the caller learns the lease is gone).
-    async fn write_for_lease(&self, lease: &Lease, held: LeaseState, op: WriteOp) -> Result<(), SpoolError> {
+    async fn write_for_lease(
+        &self,
+        lease: &Lease,
+        held: LeaseState,
+        rm: Vec<Vec<u8>>,
+        set: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), SpoolError> {
         let shard = held.shard;
-        let result = {
-            let _guard = self.shard_locks[shard as usize].lock().await;
-            self.owner_write(shard, op).await
+        let (done, answer) = oneshot::channel();
+        let result = match self.settlers[shard as usize].send(SettleRequest { rm, set, done }).await {
+            Ok(()) => answer.await.unwrap_or(Err(SpoolError::Closed)),
+            Err(_) => Err(SpoolError::Closed),
         };
         match result {
             Ok(()) => Ok(()),
@@ -529,21 +584,16 @@ impl Inner {
         let held = self.take_lease(lease)?;
         let key = index_key(&meta.queue, meta.due_at, meta.id);
         let value = IndexValue { attempts: meta.attempts, leased: false, body_len: held.body_len, meta };
-        let op = WriteOp::new()
-            .omap_rm(vec![held.key.clone().into_bytes(), lease_key(lease.id).into_bytes()])
-            .omap_set(vec![(key.clone().into_bytes(), value.encode()?), (id_key(lease.id).into_bytes(), key.into_bytes())]);
-        self.write_for_lease(lease, held, op).await
+        let rm = vec![held.key.clone().into_bytes(), lease_key(lease.id).into_bytes()];
+        let set = vec![(key.clone().into_bytes(), value.encode()?), (id_key(lease.id).into_bytes(), key.into_bytes())];
+        self.write_for_lease(lease, held, rm, set).await
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
         let held = self.take_lease(lease)?;
         let shard = held.shard;
-        let op = WriteOp::new().omap_rm(vec![
-            held.key.clone().into_bytes(),
-            id_key(lease.id).into_bytes(),
-            lease_key(lease.id).into_bytes(),
-        ]);
-        self.write_for_lease(lease, held, op).await?;
+        let rm = vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes(), lease_key(lease.id).into_bytes()];
+        self.write_for_lease(lease, held, rm, Vec::new()).await?;
         // The index no longer refers to the body; if this fails the sweeper removes it.
         match self.rados.remove(&body_object(shard, lease.id)).await {
             Ok(()) => {}
@@ -555,12 +605,8 @@ impl Inner {
 
     async fn remove_entry(&self, lease: &Lease) -> Result<(), SpoolError> {
         let held = self.take_lease(lease)?;
-        let op = WriteOp::new().omap_rm(vec![
-            held.key.clone().into_bytes(),
-            id_key(lease.id).into_bytes(),
-            lease_key(lease.id).into_bytes(),
-        ]);
-        self.write_for_lease(lease, held, op).await
+        let rm = vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes(), lease_key(lease.id).into_bytes()];
+        self.write_for_lease(lease, held, rm, Vec::new()).await
     }
 
     /// After taking a shard over: the previous owner's leases are void (its writes are fenced),
