@@ -146,6 +146,7 @@ impl Sluice {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("sluice did not get ready; output:\n{}", seen.join("\n"));
                 }
             }

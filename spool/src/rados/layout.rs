@@ -10,6 +10,7 @@
 //!   - `q<queue>` → a token rewritten on every insert: the shard's queue directory;
 //!   - `l<id>` → the `i` key of a leased message: the shard's in-flight list, so a new owner
 //!     finds a dead owner's leases without scanning the whole index.
+//!
 //!   The shard's owner holds the exclusive cls_lock `sluice-owner` on this object.
 //! - `sluice.msg.NNNN.<id>`: a message body (the RFC 5322 bytes), NNNN its index shard.
 
