@@ -239,21 +239,12 @@ fn python() -> &'static str {
     "python3"
 }
 
-/// Runs tests/python/inject.py; returns its output lines (`ACK ...` / `ERR ...`).
+/// Runs tests/python/inject.py to the end; returns its output lines (`ACK ...` / `ERR ...`).
 pub fn inject(args: &[&str], input: &Value) -> Vec<String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/inject.py");
-    let mut child = Command::new(python())
-        .arg(&script)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run inject.py");
-    child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "inject.py failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+    let (mut child, lines) = inject_spawn(args, input);
+    let out: Vec<String> = lines.iter().collect();
+    assert!(child.wait().unwrap().success(), "inject.py failed");
+    out
 }
 
 /// A spawned inject.py whose output can be read while it runs.
@@ -264,7 +255,7 @@ pub fn inject_spawn(args: &[&str], input: &Value) -> (Child, mpsc::Receiver<Stri
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("run inject.py");
     child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
