@@ -25,7 +25,7 @@ use crate::spool::{Lease, LeaseRequest, Leased, Spool, SpoolCounts};
 use crate::suppression::{self, suppression_key, Suppression, SuppressionList};
 use crate::{now_ms, Message, MessageId, MessageMeta, SpoolError};
 use group_commit::GroupCommitter;
-use keys::{index_key, index_value, parse_index_key, parse_index_value, queue_prefix};
+use keys::{index_key, index_key_min, index_value, parse_index_key, parse_index_value};
 
 /// Options for [`LocalSpool::open`].
 #[derive(Clone, Debug)]
@@ -82,7 +82,10 @@ struct State {
 
 struct QueueInfo {
     entries: u64,
-    /// No entry of this queue is due before this time (a lower bound; 0 = unknown).
+    /// No live index entry of this queue is due before this time. Lease scans start here,
+    /// so they never walk the tombstones that leased and completed messages leave at the
+    /// head of the queue (an LSM keeps them until compaction). Inserts and reschedules with
+    /// an earlier due time lower it.
     next_due: u64,
 }
 
@@ -209,16 +212,16 @@ impl Store {
                     }
                 }
                 let want = req.max_per_queue.min(req.max - picked.len());
+                let from = queues.get(&name).map(|q| q.next_due).unwrap_or(0);
+                // Bounded above by `now` as well: past it lie the tombstones of recently
+                // completed leases, which an unbounded scan would walk through every time.
+                let range = index_key_min(&name, from)..index_key_min(&name, now + 1);
                 let mut got = 0;
-                let mut next_due = u64::MAX;
-                for kv in self.index.prefix(queue_prefix(&name)) {
+                let mut next_due = now + 1;
+                for kv in self.index.range(range) {
                     let (k, v) = kv.into_inner()?;
                     let key = parse_index_key(&k)
                         .ok_or_else(|| SpoolError::Corrupt { what: "index key".into(), reason: format!("{k:?}") })?;
-                    if key.due > now {
-                        next_due = key.due;
-                        break;
-                    }
                     if got == want {
                         next_due = key.due;
                         break;
@@ -227,9 +230,8 @@ impl Store {
                     got += 1;
                 }
                 if let Some(q) = queues.get_mut(&name) {
-                    // Leased entries move to `until`; nothing else in the queue is due before
-                    // whichever comes first.
-                    q.next_due = if got > 0 { next_due.min(until) } else { next_due };
+                    // Leased entries move to `until`, later than anything left behind.
+                    q.next_due = next_due;
                 }
                 *cursor = Some(name);
             }
@@ -375,14 +377,14 @@ impl Spool for LocalSpool {
         blocking(move || store.lease(&req)).await
     }
 
+    // Reschedule and complete are unsynced writes into the memtable and the journal's buffer:
+    // microseconds, cheaper inline than a hand-off to the blocking pool for every message.
     async fn reschedule(&self, lease: &Lease, meta: MessageMeta) -> Result<(), SpoolError> {
-        let (store, lease) = (self.store.clone(), lease.clone());
-        blocking(move || store.reschedule(&lease, meta)).await
+        self.store.reschedule(lease, meta)
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let (store, lease) = (self.store.clone(), lease.clone());
-        blocking(move || store.complete(&lease)).await
+        self.store.complete(lease)
     }
 
     async fn get(&self, id: MessageId) -> Result<Option<MessageMeta>, SpoolError> {

@@ -7,7 +7,10 @@
 //!   - `i<queue>|<due, 16 hex>|<id>` → [`IndexValue`]: the queue index, sorted by queue, then
 //!     due time, then id, so one prefix scan yields a queue's due messages oldest first;
 //!   - `m<id>` → the message's current `i` key (to find a message by id);
-//!   - `q<queue>` → a token rewritten on every insert: the shard's queue directory.
+//!   - `q<queue>` → a token rewritten on every insert: the shard's queue directory;
+//!   - `l<id>` → the `i` key of a leased message: the shard's in-flight list, so a new owner
+//!     finds a dead owner's leases without scanning the whole index.
+//!
 //!   The shard's owner holds the exclusive cls_lock `sluice-owner` on this object.
 //! - `sluice.msg.NNNN.<id>`: a message body (the RFC 5322 bytes), NNNN its index shard.
 //! - `sluice.suppressions.NN`: the suppression list, [`SUPPRESSION_SHARDS`] objects; omap
@@ -75,6 +78,10 @@ pub fn parse_index_key(k: &[u8]) -> Option<IndexKey> {
 
 pub fn id_key(id: MessageId) -> String {
     format!("m{id}")
+}
+
+pub fn lease_key(id: MessageId) -> String {
+    format!("l{id}")
 }
 
 pub fn dir_key(queue: &str) -> String {
