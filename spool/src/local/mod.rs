@@ -62,6 +62,9 @@ pub(crate) struct Store {
     body: Keyspace,
     index: Keyspace,
     suppressions: Keyspace,
+    /// Whether the suppression list has ever had an entry: until then the edge's check per
+    /// request is answered without touching the database.
+    any_suppressed: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -110,7 +113,8 @@ impl LocalSpool {
         })?;
         let index = db.keyspace("index", KeyspaceCreateOptions::default)?;
         let suppressions = db.keyspace("suppressions", KeyspaceCreateOptions::default)?;
-        let store = Arc::new(Store { db, meta, body, index, suppressions, state: Mutex::new(State::default()) });
+        let any_suppressed = std::sync::atomic::AtomicBool::new(suppressions.first_key_value().is_some());
+        let store = Arc::new(Store { db, meta, body, index, suppressions, any_suppressed, state: Mutex::new(State::default()) });
         store.recover()?;
         let committer = GroupCommitter::start(store.clone(), opts.max_batch_messages, opts.max_batch_bytes);
         Ok(LocalSpool { store, committer })
@@ -421,12 +425,17 @@ impl SuppressionList for LocalSpool {
             for e in &entries {
                 batch.insert(&store.suppressions, suppression_key(&e.tenant, &e.address), suppression::encode(e)?);
             }
-            Ok(batch.commit()?)
+            batch.commit()?;
+            store.any_suppressed.store(true, std::sync::atomic::Ordering::Release);
+            Ok(())
         })
         .await
     }
 
     async fn check(&self, tenant: &str, addresses: &[String]) -> Result<Vec<bool>, SpoolError> {
+        if !self.store.any_suppressed.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(vec![false; addresses.len()]);
+        }
         let store = self.store.clone();
         let keys: Vec<String> = addresses.iter().map(|a| suppression_key(tenant, a)).collect();
         blocking(move || keys.iter().map(|k| Ok(store.suppressions.contains_key(k)?)).collect()).await
