@@ -4,6 +4,7 @@
 mod apikey;
 mod config;
 mod rules_cli;
+mod rules_reload;
 mod serve;
 mod telemetry;
 

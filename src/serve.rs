@@ -13,12 +13,13 @@ use sluice_edge::smtp::SmtpServer;
 use sluice_edge::{ApiKeys, Ingest, Tenant};
 use sluice_events::EventLog;
 use sluice_mta::Mta;
-use sluice_rules::{Classify, Engine, Reloaded, TableError};
+use sluice_rules::{Classify, Engine};
 use sluice_spool::{LocalSpool, LocalSpoolOptions, Spool, SuppressionList};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role, SpoolBackend};
+use crate::rules_reload::{export_rules_metrics, log_reload, reload_on_sighup, reload_rules};
 use crate::{apikey, telemetry};
 
 pub fn run(config_path: Option<PathBuf>, role: Option<Role>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -203,81 +204,6 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-    }
-}
-
-/// Logs a reload and counts it in `sluice_rules_reloads_total{result}`.
-fn log_reload(trigger: &str, result: &Result<Reloaded, TableError>) {
-    match result {
-        Ok(r) => {
-            metrics::counter!("sluice_rules_reloads_total", "result" => "ok").increment(1);
-            tracing::info!(trigger, version = %r.version, previous = %r.previous, rules = r.rules, "rules table reloaded");
-        }
-        Err(e) => {
-            metrics::counter!("sluice_rules_reloads_total", "result" => "error").increment(1);
-            tracing::error!(trigger, error = %e, "rules table NOT reloaded; the previous table keeps serving");
-        }
-    }
-}
-
-async fn reload_on_sighup(engine: Arc<Engine>, cancel: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            _ = hup.recv() => {
-                let e = engine.clone();
-                let result = tokio::task::spawn_blocking(move || e.reload()).await?;
-                log_reload("SIGHUP", &result);
-            }
-        }
-    }
-}
-
-/// The table version (`sluice_rules_table_info{version}` = 1 for the one in use) and the
-/// hits per rule id (`sluice_rules_hits_total{rule}`), refreshed before each scrape.
-fn export_rules_metrics(engine: &Engine, last_version: &std::sync::Mutex<Option<Arc<str>>>) {
-    let version = engine.version();
-    let mut last = last_version.lock().expect("metrics lock poisoned");
-    if last.as_ref() != Some(&version) {
-        if let Some(old) = last.replace(version.clone()) {
-            metrics::gauge!("sluice_rules_table_info", "version" => old.to_string()).set(0.0);
-        }
-        metrics::gauge!("sluice_rules_table_rules").set(engine.table().rules().len() as f64);
-    }
-    metrics::gauge!("sluice_rules_table_info", "version" => version.to_string()).set(1.0);
-    for (rule, hits) in engine.hits() {
-        metrics::counter!("sluice_rules_hits_total", "rule" => rule).absolute(hits);
-    }
-}
-
-/// `POST /admin/rules/reload`: 200 with the new version, or 422 with the problems (the old
-/// table keeps serving).
-async fn reload_rules(engine: Arc<Engine>) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
-    let e = engine.clone();
-    let result = match tokio::task::spawn_blocking(move || e.reload()).await {
-        Ok(r) => r,
-        Err(e) => {
-            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, axum::Json(serde_json::json!({ "error": e.to_string() })));
-        }
-    };
-    log_reload("admin API", &result);
-    match result {
-        Ok(r) => (
-            axum::http::StatusCode::OK,
-            axum::Json(serde_json::json!({
-                "version": &*r.version, "previous": &*r.previous, "rules": r.rules, "changed": r.changed(),
-            })),
-        ),
-        Err(e) => (
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            axum::Json(serde_json::json!({
-                "error": "the rules table was rejected; the previous table keeps serving",
-                "problems": e.diagnostics(),
-                "version": &*engine.version(),
-            })),
-        ),
     }
 }
 
