@@ -114,6 +114,7 @@ pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, v
                     .with("response", text)
                     .with("attempt", attempt.to_string())
                     .with("sluice_rule", d.outcome.rule_id.clone())
+                    .with("sluice_rules_version", d.outcome.rules_version.to_string())
             }
             Disposition::Retry => {
                 rcpt.state = RecipientState::Failed;
