@@ -31,8 +31,10 @@ pub async fn reload_on_sighup(engine: Arc<Engine>, cancel: CancellationToken) ->
             _ = cancel.cancelled() => return Ok(()),
             _ = hup.recv() => {
                 let e = engine.clone();
-                let result = tokio::task::spawn_blocking(move || e.reload()).await?;
-                log_reload("SIGHUP", &result);
+                match tokio::task::spawn_blocking(move || e.reload()).await {
+                    Ok(result) => log_reload("SIGHUP", &result),
+                    Err(e) => tracing::error!(error = %e, "rules reload failed; the previous table keeps serving"),
+                }
             }
         }
     }

@@ -261,7 +261,9 @@ pub(crate) fn compile(sources: &[Source], hits: &HitCounters) -> Result<Table, T
         return Err(TableError::Invalid(diags));
     }
 
-    let table = Table::build(rules, providers, Arc::from(version_of(sources)), hits);
+    let first = sources.first().map(|s| s.name.clone()).unwrap_or_else(|| "(table)".into());
+    let table = Table::build(rules, providers, Arc::from(version_of(sources)), hits)
+        .map_err(|message| TableError::Invalid(vec![Diagnostic { location: Location { file: first, line: 1 }, message }]))?;
     let mut diags = Vec::new();
     for (shadowed, by) in table.shadowed() {
         let (s, b) = (&table.rules()[shadowed], &table.rules()[by]);

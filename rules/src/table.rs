@@ -213,13 +213,15 @@ pub struct Table {
     /// the provider need not even be looked up.
     any_candidate: Vec<bool>,
     /// By (class - 2) × (provider + 1); `None` when no rule there has a text pattern.
-    buckets: Vec<Option<Bucket>>,
+    buckets: Vec<Option<Arc<Bucket>>>,
     hits: Vec<Arc<AtomicU64>>,
     fallback_hits: [Arc<AtomicU64>; 2],
 }
 
 impl Table {
-    pub(crate) fn build(rules: Vec<Rule>, providers: Providers, version: Arc<str>, hits: &HitCounters) -> Table {
+    /// Indexes the rules; fails only if the combined `RegexSet` of a bucket exceeds the size
+    /// limit although every pattern compiled on its own.
+    pub(crate) fn build(rules: Vec<Rule>, providers: Providers, version: Arc<str>, hits: &HitCounters) -> Result<Table, String> {
         let scopes = providers.list().len() + 1;
         let fits_scope = |r: &Rule, scope: usize| r.provider.is_none_or(|p| p + 1 == scope);
         // Identical candidate lists (most codes of a class) share one allocation.
@@ -238,29 +240,38 @@ impl Table {
         }
         let any_candidate = (200..600u16).map(|code| rules.iter().any(|r| r.admits_code(code))).collect();
         let mut buckets = Vec::with_capacity(CLASSES * scopes);
+        // Scopes whose rules are the same share one compiled set.
+        let mut compiled: HashMap<Vec<u32>, Arc<Bucket>> = HashMap::new();
         for class in 2..6u16 {
             for scope in 0..scopes {
-                let members: Vec<(u32, String)> = rules
+                let members: Vec<u32> = rules
                     .iter()
                     .enumerate()
                     .filter(|(_, r)| r.text.is_some() && fits_scope(r, scope) && (class * 100..class * 100 + 100).any(|c| r.admits_code(c)))
-                    .map(|(i, r)| (i as u32, r.text.as_ref().expect("filtered").set_member()))
+                    .map(|(i, _)| i as u32)
                     .collect();
                 if members.is_empty() {
                     buckets.push(None);
                     continue;
                 }
-                let set = RegexSetBuilder::new(members.iter().map(|(_, p)| p))
-                    .size_limit(REGEX_SIZE_LIMIT * members.len().max(1))
+                if let Some(b) = compiled.get(&members) {
+                    buckets.push(Some(b.clone()));
+                    continue;
+                }
+                let patterns = members.iter().map(|&i| rules[i as usize].text.as_ref().expect("filtered").set_member());
+                let set = RegexSetBuilder::new(patterns)
+                    .size_limit(REGEX_SIZE_LIMIT * members.len())
                     .dfa_size_limit(DFA_SIZE_LIMIT)
                     .build()
-                    .expect("every pattern compiled on its own, so the set compiles");
-                buckets.push(Some(Bucket { set, rule_of: members.into_iter().map(|(i, _)| i).collect() }));
+                    .map_err(|e| format!("the text patterns of {} rules together are too large to compile: {e}; simplify the biggest ones", members.len()))?;
+                let bucket = Arc::new(Bucket { set, rule_of: members.clone() });
+                compiled.insert(members, bucket.clone());
+                buckets.push(Some(bucket));
             }
         }
         let counters = rules.iter().map(|r| hits.counter(&r.id)).collect();
         let fallback_hits = [hits.counter(FallbackLayer::Rfc3463.as_str()), hits.counter(FallbackLayer::Rfc5321.as_str())];
-        Table { rules, providers, version, candidates, any_candidate, buckets, hits: counters, fallback_hits }
+        Ok(Table { rules, providers, version, candidates, any_candidate, buckets, hits: counters, fallback_hits })
     }
 
     pub fn rules(&self) -> &[Rule] {
