@@ -220,9 +220,8 @@ impl Store {
                 // Bounded above by `now` as well: past it lie the tombstones of recently
                 // completed leases, which an unbounded scan would walk through every time.
                 let range = index_key_min(&name, from)..index_key_min(&name, now + 1);
-                let mut got = 0;
                 let mut next_due = now + 1;
-                for kv in self.index.range(range) {
+                for (got, kv) in self.index.range(range).enumerate() {
                     let (k, v) = kv.into_inner()?;
                     let key = parse_index_key(&k)
                         .ok_or_else(|| SpoolError::Corrupt { what: "index key".into(), reason: format!("{k:?}") })?;
@@ -231,7 +230,6 @@ impl Store {
                         break;
                     }
                     picked.push((k.to_vec(), name.clone(), key.id, parse_index_value(&v).0));
-                    got += 1;
                 }
                 if let Some(q) = queues.get_mut(&name) {
                     // Leased entries move to `until`, later than anything left behind.
