@@ -44,6 +44,8 @@ pub struct Config {
     pub http: sluice_edge::http::HttpConfig,
     pub smtp: sluice_edge::smtp::SmtpConfig,
     pub mta: sluice_mta::MtaConfig,
+    /// The reply-classification table (docs/rules.md).
+    pub rules: sluice_rules::RulesConfig,
     /// DKIM signing keys and the policy for mail without a key (used by the MTA to sign and
     /// by the edge to refuse unsignable mail).
     pub dkim: sluice_mta::dkim::DkimConfig,
@@ -61,6 +63,7 @@ impl Default for Config {
             http: Default::default(),
             smtp: Default::default(),
             mta: Default::default(),
+            rules: Default::default(),
             dkim: Default::default(),
         }
     }
@@ -183,6 +186,7 @@ impl Config {
         section("http", self.http.validate())?;
         section("smtp", self.smtp.validate())?;
         section("mta", self.mta.validate())?;
+        section("rules", self.rules.validate())?;
         section("dkim", self.dkim.validate())?;
         sluice_edge::ApiKeys::from_config(&self.api_keys)
             .map_err(|e| ConfigError::Invalid { key: format!("api_keys[{}].{}", e.index, e.field), reason: e.reason })?;

@@ -1,9 +1,11 @@
 //! The `sluice` binary: runs the edge and/or the MTA (`sluice serve`) and the operators'
-//! tools (`sluice apikey`, `sluice dkim`, `sluice config check`).
+//! tools (`sluice apikey`, `sluice dkim`, `sluice config check`, `sluice rules ...`).
 
 mod apikey;
 mod config;
 mod dkim_cli;
+mod rules_cli;
+mod rules_reload;
 mod serve;
 mod telemetry;
 
@@ -44,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         command: dkim_cli::DkimCommand,
     },
+    /// Check, explain, evaluate and compare reply-classification tables (docs/rules.md).
+    Rules {
+        #[command(subcommand)]
+        command: rules_cli::RulesCommand,
+    },
     /// Check a config file and exit: prints the first bad key and why.
     Config {
         #[command(subcommand)]
@@ -63,6 +70,7 @@ fn main() -> ExitCode {
         Command::Serve { config, role, data_dir } => serve::run(config, role, data_dir),
         Command::Apikey { command } => apikey::run(command),
         Command::Dkim { command } => dkim_cli::run(command),
+        Command::Rules { command } => rules_cli::run(command),
         Command::Config { command: ConfigCommand::Check { file } } => config::Config::load(Some(&file))
             .map_err(anyhow::Error::from)
             .and_then(|c| dkim_cli::check_keys(&c))

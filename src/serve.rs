@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_edge::http::HttpEdge;
 use sluice_edge::smtp::SmtpServer;
@@ -14,12 +14,13 @@ use sluice_edge::{ApiKeys, Ingest, Tenant};
 use sluice_events::EventLog;
 use sluice_mta::dkim::DkimSigning;
 use sluice_mta::Mta;
-use sluice_rules::{Builtin, Classify};
-use sluice_spool::{LocalSpool, LocalSpoolOptions, Spool};
+use sluice_rules::{Classify, Engine};
+use sluice_spool::{LocalSpool, LocalSpoolOptions, Spool, SuppressionList};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role, SpoolBackend};
+use crate::rules_reload::{export_rules_metrics, log_reload, reload_on_sighup, reload_rules};
 use crate::{apikey, dkim_cli, telemetry};
 
 pub fn run(config_path: Option<PathBuf>, role: Option<Role>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -38,6 +39,8 @@ pub fn run(config_path: Option<PathBuf>, role: Option<Role>, data_dir: Option<Pa
 /// The spool plus what must happen to it at shutdown.
 struct OpenSpool {
     spool: Arc<dyn Spool>,
+    /// The suppression list, in the same store as the spool.
+    suppressions: Arc<dyn SuppressionList>,
     #[cfg(feature = "rados")]
     rados: Option<Arc<sluice_spool::RadosSpool>>,
 }
@@ -54,8 +57,10 @@ async fn open_spool(config: &Config) -> anyhow::Result<OpenSpool> {
                         config.spool_path().display()
                     )
                 })?;
+            let spool = Arc::new(spool);
             Ok(OpenSpool {
-                spool: Arc::new(spool),
+                spool: spool.clone(),
+                suppressions: spool,
                 #[cfg(feature = "rados")]
                 rados: None,
             })
@@ -73,7 +78,7 @@ async fn open_spool(config: &Config) -> anyhow::Result<OpenSpool> {
             let spool = Arc::new(sluice_spool::RadosSpool::open(opts).await.with_context(|| {
                 format!("cannot open the RADOS spool (pool {} via {})", r.pool, r.conf.as_ref().expect("validated").display())
             })?);
-            Ok(OpenSpool { spool: spool.clone(), rados: Some(spool) })
+            Ok(OpenSpool { spool: spool.clone(), suppressions: spool.clone(), rados: Some(spool) })
         }
         #[cfg(not(feature = "rados"))]
         SpoolBackend::Rados => anyhow::bail!(
@@ -93,19 +98,33 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let opened = open_spool(&config).await?;
     let spool = opened.spool.clone();
     let events = EventLog::open(&config.events_path()).await?;
-    let classifier: Arc<dyn Classify> = Arc::new(Builtin);
+    let files = config.rules.files.clone();
+    let engine = Arc::new(
+        tokio::task::spawn_blocking(move || Engine::load(files)).await?.context("cannot load the rules table (section [rules])")?,
+    );
+    tracing::info!(version = %engine.version(), rules = engine.table().rules().len(), "rules table loaded");
+    let classifier: Arc<dyn Classify> = engine.clone();
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    // Reload on SIGHUP and (if enabled) when a file changes; both keep the old table on error.
+    tasks.spawn(reload_on_sighup(engine.clone(), cancel.clone()));
+    let _watch = match config.rules.watch {
+        true => sluice_rules::watch_files(engine.clone(), |r| log_reload("file change", &r))
+            .map_err(|e| tracing::warn!(error = %e, "rules: not watching the files"))
+            .ok(),
+        false => None,
+    };
 
     let admin = bind(config.admin.listen, "admin.listen").await?;
     let admin_addr = admin.local_addr()?;
-    tasks.spawn(serve_admin(admin, metrics, spool.clone(), cancel.clone()));
+    tasks.spawn(serve_admin(admin, metrics, spool.clone(), engine.clone(), cancel.clone()));
 
     let mut waker = None;
     if config.role.runs_mta() {
         let dkim = DkimSigning::load(&config.dkim).context("cannot set up DKIM signing (section [dkim])")?;
         let mta = Mta::new(config.mta.clone(), spool.clone(), events.clone(), classifier.clone())
             .context("cannot start delivery (section [mta])")?
+            .with_suppressions(opened.suppressions.clone())
             .with_dkim(Arc::new(dkim));
         waker = Some(mta.waker());
         let cancel = cancel.clone();
@@ -128,7 +147,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             println!("sluice: quick-start API key in {} (configure [[api_keys]] to replace it)", path.display());
         }
         let keys = Arc::new(keys);
-        let mut ingest = Ingest::new(spool.clone(), events.clone(), config.mta.retry.max_age);
+        let mut ingest =
+            Ingest::new(spool.clone(), events.clone(), config.mta.retry.max_age).with_suppressions(opened.suppressions.clone());
         if let Some(w) = &waker {
             ingest = ingest.with_waker(w.clone());
         }
@@ -193,11 +213,13 @@ async fn shutdown_signal() {
     }
 }
 
-/// `/metrics` (Prometheus), `/healthz`, and `/admin/spool` (counts by state, JSON).
+/// `/metrics` (Prometheus), `/healthz`, `/admin/spool` (counts by state, JSON), and
+/// `GET`/`POST /admin/rules[/reload]` (the table in use; reload it).
 async fn serve_admin(
     listener: TcpListener,
     metrics: PrometheusHandle,
     spool: Arc<dyn Spool>,
+    engine: Arc<Engine>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     // Queue-depth gauges, refreshed in the background: counting can be a scan (RADOS).
@@ -218,14 +240,28 @@ async fn serve_admin(
         })
     };
     let upkeep = metrics.clone();
+    let (rules_engine, reload_engine) = (engine.clone(), engine.clone());
+    let last_version = Arc::new(std::sync::Mutex::new(None));
     let app = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
                 let m = metrics.clone();
+                export_rules_metrics(&engine, &last_version);
                 async move { m.render() }
             }),
         )
+        .route(
+            "/admin/rules",
+            get(move || {
+                let e = rules_engine.clone();
+                async move {
+                    let files: Vec<String> = e.files().iter().map(|f| f.display().to_string()).collect();
+                    axum::Json(serde_json::json!({ "version": &*e.version(), "rules": e.table().rules().len(), "files": files }))
+                }
+            }),
+        )
+        .route("/admin/rules/reload", post(move || reload_rules(reload_engine.clone())))
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/admin/spool",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 use sluice_events::{Event, EventKind, EventLog};
-use sluice_spool::{now_ms, Message, MessageId, MessageMeta, Recipient, Spool, SpoolError};
+use sluice_spool::{now_ms, Message, MessageId, MessageMeta, Recipient, Spool, SpoolError, SuppressionList};
 
 /// One message as a client submitted it: an envelope and a complete RFC 5322 body.
 #[derive(Clone, Debug, Default)]
@@ -59,12 +59,17 @@ pub struct Ingest {
     max_age: Duration,
     /// Woken after each accepted batch, so idle delivery workers in this process start at once.
     waker: Option<Arc<Notify>>,
+    /// Recipients that hard-bounced before: dropped instead of spooled.
+    suppressions: Option<Arc<dyn SuppressionList>>,
     admission: Option<AdmissionCheck>,
 }
 
+/// The `reason` of the `dropped` event for a suppressed recipient (SendGrid's wording).
+pub const BOUNCED_ADDRESS: &str = "Bounced Address";
+
 impl Ingest {
     pub fn new(spool: Arc<dyn Spool>, events: EventLog, max_age: Duration) -> Self {
-        Ingest { spool, events, max_age, waker: None, admission: None }
+        Ingest { spool, events, max_age, waker: None, suppressions: None, admission: None }
     }
 
     /// Every submission must pass `check` ([`Ingest::admit`]); the edges answer a refusal
@@ -89,9 +94,59 @@ impl Ingest {
         self
     }
 
+    /// Drops recipients on `list` (for the submission's tenant) with a `dropped` event
+    /// instead of spooling them.
+    pub fn with_suppressions(mut self, list: Arc<dyn SuppressionList>) -> Self {
+        self.suppressions = Some(list);
+        self
+    }
+
+    /// Takes the suppressed recipients out of `batch` (and messages left without any) and
+    /// returns them with the message they belonged to, for their `dropped` events.
+    async fn drop_suppressed(&self, batch: &mut Vec<Message>) -> Result<Vec<(MessageMeta, Vec<String>)>, SpoolError> {
+        let Some(list) = &self.suppressions else { return Ok(Vec::new()) };
+        // One lookup per tenant for the whole request.
+        let mut by_tenant: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
+        for (i, m) in batch.iter().enumerate() {
+            for r in &m.meta.recipients {
+                by_tenant.entry(m.meta.tenant.clone()).or_default().push((i, r.address.clone()));
+            }
+        }
+        let mut suppressed: Vec<Vec<String>> = vec![Vec::new(); batch.len()];
+        for (tenant, entries) in by_tenant {
+            let addresses: Vec<String> = entries.iter().map(|(_, a)| a.clone()).collect();
+            let flags = list.check(&tenant, &addresses).await?;
+            for ((i, address), hit) in entries.into_iter().zip(flags) {
+                if hit {
+                    suppressed[i].push(address);
+                }
+            }
+        }
+        let mut dropped = Vec::new();
+        let mut kept = Vec::with_capacity(batch.len());
+        for (mut m, gone) in batch.drain(..).zip(suppressed) {
+            if gone.is_empty() {
+                kept.push(m);
+                continue;
+            }
+            let meta = m.meta.clone();
+            m.meta.recipients.retain(|r| !gone.contains(&r.address));
+            if !m.meta.recipients.is_empty() {
+                kept.push(m);
+            }
+            dropped.push((meta, gone));
+        }
+        *batch = kept;
+        Ok(dropped)
+    }
+
     /// Splits each submission into one spool message per recipient domain (so each is
     /// delivered over one connection and paced per destination), enqueues them all in one
     /// durable batch and writes a `processed` event per recipient. Returns the spool ids.
+    ///
+    /// Recipients on the suppression list are not spooled: they get a `dropped` event
+    /// ("Bounced Address"), and a submission whose recipients are all suppressed is still
+    /// accepted (as SendGrid does).
     ///
     /// When this returns `Ok`, every message is durable and the client may be answered.
     pub async fn accept(&self, x_message_id: &str, subs: Vec<Submission>) -> Result<Vec<MessageId>, SpoolError> {
@@ -129,9 +184,16 @@ impl Ingest {
                 });
             }
         }
+        let dropped = self.drop_suppressed(&mut batch).await?;
         let ids: Vec<MessageId> = batch.iter().map(|m| m.id()).collect();
         let metas: Vec<MessageMeta> = batch.iter().map(|m| m.meta.clone()).collect();
         self.spool.enqueue(batch).await?;
+        for (meta, addresses) in &dropped {
+            metrics::counter!("sluice_dropped_total", "reason" => "bounced_address").increment(addresses.len() as u64);
+            for a in addresses {
+                self.events.emit(Event::for_address(EventKind::Dropped, meta, a).with("reason", BOUNCED_ADDRESS)).await;
+            }
+        }
         metrics::counter!("sluice_received_messages_total").increment(ids.len() as u64);
         if let Some(w) = &self.waker {
             w.notify_one();
@@ -175,6 +237,53 @@ mod tests {
         assert_eq!(leased[0].meta.recipients.len(), 2);
         assert_eq!(leased[1].meta.queue, "yahoo.com");
         assert_eq!(leased[1].meta.x_message_id, "XID");
+    }
+
+    #[tokio::test]
+    async fn suppressed_recipients_are_dropped_not_spooled() {
+        use sluice_spool::{Suppression, SuppressionList};
+        let dir = tempfile::tempdir().unwrap();
+        let local = Arc::new(LocalSpool::open(LocalSpoolOptions::new(dir.path())).unwrap());
+        local.suppress(vec![Suppression::new("t", "Gone@Gmail.com", "550 5.1.1 no such user", "r")]).await.unwrap();
+        local.suppress(vec![Suppression::new("t", "gone@yahoo.com", "550 5.1.1 no such user", "r")]).await.unwrap();
+        let spool: Arc<dyn Spool> = local.clone();
+        let path = dir.path().join("events.jsonl");
+        let events = EventLog::open(&path).await.unwrap();
+        let ingest = Ingest::new(spool.clone(), events, Duration::from_secs(3600)).with_suppressions(local.clone());
+        let sub = |rcpts: &[&str], tenant: &str| Submission {
+            tenant: tenant.into(),
+            mail_from: "s@example.org".into(),
+            recipients: rcpts.iter().map(|r| r.to_string()).collect(),
+            body: Bytes::from_static(b"Subject: x\r\n\r\nhi\r\n"),
+            ..Default::default()
+        };
+        // gmail keeps one recipient; yahoo has none left, so it is not spooled at all
+        let ids = ingest.accept("XID", vec![sub(&["gone@gmail.com", "ok@gmail.com", "GONE@yahoo.com"], "t")]).await.unwrap();
+        assert_eq!(ids.len(), 1);
+        let leased = spool.lease(LeaseRequest::new(10, Duration::from_secs(60))).await.unwrap();
+        assert_eq!(leased.len(), 1);
+        assert_eq!(leased[0].meta.recipients.iter().map(|r| r.address.as_str()).collect::<Vec<_>>(), ["ok@gmail.com"]);
+        // every recipient suppressed: accepted, nothing spooled; another tenant is unaffected
+        assert!(ingest.accept("XID2", vec![sub(&["gone@gmail.com"], "t")]).await.unwrap().is_empty());
+        assert_eq!(ingest.accept("XID3", vec![sub(&["gone@gmail.com"], "other")]).await.unwrap().len(), 1);
+        let mut dropped = Vec::new();
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            dropped = std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|e| e["event"] == "dropped")
+                .collect();
+            if dropped.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(dropped.len(), 3, "{dropped:?}");
+        assert!(dropped.iter().all(|e| e["reason"] == BOUNCED_ADDRESS));
+        let mut emails: Vec<&str> = dropped.iter().map(|e| e["email"].as_str().unwrap()).collect();
+        emails.sort();
+        assert_eq!(emails, ["GONE@yahoo.com", "gone@gmail.com", "gone@gmail.com"]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use rand::Rng;
 use serde_json::Value;
 use sluice_events::{Event, EventKind};
 use sluice_rules::{Context, Disposition, Outcome, Reply, Stage};
-use sluice_spool::{now_ms, Leased, MessageMeta, RecipientState, SpoolError};
+use sluice_spool::{now_ms, Leased, MessageMeta, RecipientState, SpoolError, Suppression};
 
 use crate::config::RetrySettings;
 use crate::worker::Ctx;
@@ -68,7 +68,6 @@ struct Decided {
 pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, via: &Via) {
     let Leased { lease, mut meta, .. } = leased;
     let domain = meta.queue.clone();
-    let version = ctx.classify.version().to_string();
     let attempt = meta.attempts + 1;
     let mut decided = Vec::with_capacity(replies.len());
     for r in replies {
@@ -85,6 +84,7 @@ pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, v
     let expired = !retrying.is_empty() && next_due > expires;
 
     let mut events = Vec::with_capacity(decided.len());
+    let mut suppress = Vec::new();
     let (mut delivered, mut deferred, mut bounced) = (0u64, 0u64, 0u64);
     for d in &decided {
         let text = d.reply.to_string();
@@ -114,18 +114,22 @@ pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, v
                     .with("response", text)
                     .with("attempt", attempt.to_string())
                     .with("sluice_rule", d.outcome.rule_id.clone())
+                    .with("sluice_rules_version", d.outcome.rules_version.to_string())
             }
             Disposition::Retry => {
                 rcpt.state = RecipientState::Failed;
                 bounced += 1;
                 let reason = format!("{domain}: retries expired after {attempt} attempts: {text}");
-                bounce_event(&meta, &address, reason, "4.4.7".into(), "blocked", &d.outcome, &version)
+                bounce_event(&meta, &address, reason, "4.4.7".into(), "blocked", &d.outcome)
             }
             Disposition::Bounce => {
                 rcpt.state = RecipientState::Failed;
                 bounced += 1;
                 let kind = if d.reply.class() == 5 { "bounce" } else { "blocked" };
-                bounce_event(&meta, &address, text, status_of(&d.reply), kind, &d.outcome, &version)
+                if d.outcome.suppress {
+                    suppress.push(Suppression::new(&meta.tenant, &address, text.clone(), d.outcome.rule_id.clone()));
+                }
+                bounce_event(&meta, &address, text, status_of(&d.reply), kind, &d.outcome)
             }
         };
         events.push((d.outcome.disposition == Disposition::Delivered, event));
@@ -159,6 +163,13 @@ pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, v
             ctx.events.emit(event).await;
         }
     }
+    if let (true, false, Some(list)) = (keep_all, suppress.is_empty(), &ctx.suppressions) {
+        let n = suppress.len() as u64;
+        match list.suppress(suppress).await {
+            Ok(()) => metrics::counter!("sluice_suppressed_total").increment(n),
+            Err(e) => tracing::error!(%id, error = %e, "cannot add hard-bounced recipients to the suppression list"),
+        }
+    }
     metrics::counter!("sluice_delivered_total").increment(delivered);
     if keep_all {
         metrics::counter!("sluice_deferred_total").increment(deferred);
@@ -166,14 +177,14 @@ pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, v
     }
 }
 
-fn bounce_event(meta: &MessageMeta, address: &str, reason: String, status: String, kind: &str, outcome: &Outcome, version: &str) -> Event {
+fn bounce_event(meta: &MessageMeta, address: &str, reason: String, status: String, kind: &str, outcome: &Outcome) -> Event {
     Event::for_address(EventKind::Bounce, meta, address)
         .with("reason", reason)
         .with("status", status)
         .with("type", kind)
         .with("bounce_classification", outcome.classification.as_str())
         .with("sluice_rule", outcome.rule_id.clone())
-        .with("sluice_rules_version", Value::String(version.to_string()))
+        .with("sluice_rules_version", Value::String(outcome.rules_version.to_string()))
 }
 
 /// Puts a message back untouched and due now: it was leased but never tried (shutdown, or

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sluice_events::EventLog;
 use sluice_rules::Classify;
-use sluice_spool::{LeaseRequest, Leased, Spool};
+use sluice_spool::{LeaseRequest, Leased, Spool, SuppressionList};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsConnector;
@@ -38,6 +38,8 @@ pub(crate) struct Ctx {
     pub spool: Arc<dyn Spool>,
     pub events: EventLog,
     pub classify: Arc<dyn Classify>,
+    /// Where recipients hard-bounced by a rule with `suppress = true` go (none: not kept).
+    pub suppressions: Option<Arc<dyn SuppressionList>>,
     pub router: Router,
     pub tls: TlsConnector,
     /// Signs each message once, before its first attempt.
@@ -66,13 +68,20 @@ impl Mta {
         let tls = crate::tls::connector(&config.tls)?;
         let slots = Arc::new(Semaphore::new(config.max_concurrent_deliveries));
         let dkim = Arc::new(DkimSigning::disabled());
-        let ctx = Ctx { config, spool, events, classify, router, tls, dkim, slots, waiting_jobs: AtomicUsize::new(0) };
+        let ctx = Ctx { config, spool, events, classify, suppressions: None, router, tls, dkim, slots, waiting_jobs: AtomicUsize::new(0) };
         Ok(Mta { ctx: Arc::new(ctx), waker: Arc::new(Notify::new()) })
     }
 
-    /// DKIM-signs outgoing mail with `dkim` (the default signs nothing).
+    /// Adds hard-bounced recipients whose rule says `suppress` to `list`, so the edge drops
+    /// later sends to them. Call before [`Mta::run`].
+    pub fn with_suppressions(mut self, list: Arc<dyn SuppressionList>) -> Self {
+        Arc::get_mut(&mut self.ctx).expect("not running yet").suppressions = Some(list);
+        self
+    }
+
+    /// DKIM-signs outgoing mail with `dkim` (the default signs nothing). Call before [`Mta::run`].
     pub fn with_dkim(mut self, dkim: Arc<DkimSigning>) -> Mta {
-        Arc::get_mut(&mut self.ctx).expect("the MTA context is shared only once it runs").dkim = dkim;
+        Arc::get_mut(&mut self.ctx).expect("not running yet").dkim = dkim;
         self
     }
 

@@ -61,7 +61,7 @@ async fn mixed_recipient_outcomes_update_spool_and_events() {
     assert_eq!(bounce["type"], "bounce");
     assert_eq!(bounce["bounce_classification"], "Invalid Address");
     assert_eq!(bounce["sluice_rule"], "builtin:rfc3463:x.1.1");
-    assert_eq!(bounce["sluice_rules_version"], "recording-1");
+    assert_eq!(bounce["sluice_rules_version"], sluice_rules::Builtin::VERSION);
     assert!(bounce["reason"].as_str().unwrap().starts_with("550 5.1.1 The email account"));
     let deferred = by("defer-y@dest.test");
     assert_eq!(deferred["event"], "deferred");

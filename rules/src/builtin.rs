@@ -1,6 +1,8 @@
 //! The built-in fallback classification: RFC 3463 enhanced codes, then the RFC 5321 reply
 //! class. The rules table consults this when none of its rules match.
 
+use std::sync::{Arc, OnceLock};
+
 use crate::{BounceClass, Classify, Context, Disposition, Outcome, Reply, ShapingAction};
 
 /// The fallback classifier: 2xx delivered, 4xx retry, 5xx bounce, classified by the
@@ -12,11 +14,70 @@ impl Builtin {
     pub const VERSION: &'static str = "builtin-1";
 }
 
-fn disposition(class: u8) -> Disposition {
-    match class {
-        2 | 3 => Disposition::Delivered,
-        4 => Disposition::Retry,
-        _ => Disposition::Bounce,
+/// The built-in version string, shared so a classification costs no allocation for it.
+fn version() -> Arc<str> {
+    static VERSION: OnceLock<Arc<str>> = OnceLock::new();
+    VERSION.get_or_init(|| Arc::from(Builtin::VERSION)).clone()
+}
+
+/// The fallback layers after a rules table, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallbackLayer {
+    /// RFC 3463 enhanced status code (only replies that carry one, and not 2xx).
+    Rfc3463,
+    /// RFC 5321 reply class: always applies.
+    Rfc5321,
+}
+
+impl FallbackLayer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackLayer::Rfc3463 => "builtin:rfc3463",
+            FallbackLayer::Rfc5321 => "builtin:rfc5321",
+        }
+    }
+}
+
+fn outcome(disposition: Disposition, classification: BounceClass, reason: &str, rule_id: String, rules_version: Arc<str>) -> Outcome {
+    Outcome {
+        disposition,
+        classification,
+        reason: reason.to_string(),
+        // Only a permanent "no such address" is worth suppressing without a rule saying so.
+        suppress: disposition == Disposition::Bounce && classification == BounceClass::InvalidAddress,
+        rule_id,
+        shaping: ShapingAction::None,
+        rules_version,
+    }
+}
+
+/// The RFC 3463 layer: classifies by the enhanced code; `None` for 2xx replies and replies
+/// without an enhanced code.
+pub(crate) fn rfc3463(reply: &Reply, rules_version: &Arc<str>) -> Option<Outcome> {
+    let e = reply.enhanced?;
+    let disposition = Disposition::of_class(reply.class());
+    if disposition == Disposition::Delivered {
+        return None;
+    }
+    let (c, r) = by_enhanced(e.subject, e.detail);
+    Some(outcome(disposition, c, r, format!("builtin:rfc3463:x.{}.{}", e.subject, e.detail), rules_version.clone()))
+}
+
+/// The RFC 5321 layer: the reply class alone.
+pub(crate) fn rfc5321(reply: &Reply, rules_version: &Arc<str>) -> Outcome {
+    let disposition = Disposition::of_class(reply.class());
+    if disposition == Disposition::Delivered {
+        return outcome(disposition, BounceClass::Unclassified, "accepted", "builtin:2xx".to_string(), rules_version.clone());
+    }
+    let id = format!("builtin:rfc5321:{}xx", reply.class());
+    outcome(disposition, BounceClass::Unclassified, "no_enhanced_code", id, rules_version.clone())
+}
+
+/// The fallback decision: RFC 3463, then RFC 5321; with the layer that decided.
+pub(crate) fn fallback(reply: &Reply, rules_version: &Arc<str>) -> (FallbackLayer, Outcome) {
+    match rfc3463(reply, rules_version) {
+        Some(o) => (FallbackLayer::Rfc3463, o),
+        None => (FallbackLayer::Rfc5321, rfc5321(reply, rules_version)),
     }
 }
 
@@ -50,27 +111,7 @@ pub(crate) fn by_enhanced(subject: u16, detail: u16) -> (BounceClass, &'static s
 
 impl Classify for Builtin {
     fn classify(&self, reply: &Reply, _ctx: &Context<'_>) -> Outcome {
-        let disposition = disposition(reply.class());
-        let (classification, reason, rule_id) = match reply.enhanced {
-            _ if disposition == Disposition::Delivered => (BounceClass::Unclassified, "accepted", "builtin:2xx".to_string()),
-            Some(e) => {
-                let (c, r) = by_enhanced(e.subject, e.detail);
-                (c, r, format!("builtin:rfc3463:x.{}.{}", e.subject, e.detail))
-            }
-            None => (BounceClass::Unclassified, "no_enhanced_code", format!("builtin:rfc5321:{}xx", reply.class())),
-        };
-        Outcome {
-            disposition,
-            classification,
-            reason: reason.to_string(),
-            suppress: disposition == Disposition::Bounce && classification == BounceClass::InvalidAddress,
-            rule_id,
-            shaping: ShapingAction::None,
-        }
-    }
-
-    fn version(&self) -> &str {
-        Builtin::VERSION
+        fallback(reply, &version()).1
     }
 }
 

@@ -1,6 +1,7 @@
 //! What a classification decides.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What happens to the recipient.
@@ -18,6 +19,30 @@ impl Disposition {
             Disposition::Retry => "retry",
             Disposition::Bounce => "bounce",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "delivered" => Some(Disposition::Delivered),
+            "retry" => Some(Disposition::Retry),
+            "bounce" => Some(Disposition::Bounce),
+            _ => None,
+        }
+    }
+
+    /// What the reply class means by itself: 2xx delivered, 4xx retry, 5xx bounce.
+    pub fn of_class(class: u8) -> Self {
+        match class {
+            2 | 3 => Disposition::Delivered,
+            4 => Disposition::Retry,
+            _ => Disposition::Bounce,
+        }
+    }
+}
+
+impl fmt::Display for Disposition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -67,15 +92,61 @@ impl fmt::Display for BounceClass {
     }
 }
 
+/// Apply a shaping action only once the rule matched `count` times within `window` on the
+/// same path: one 421 is noise, twenty in five minutes is a signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Threshold {
+    pub count: u32,
+    pub window: Duration,
+}
+
 /// What the sending path (egress IP × provider) should do after this reply. The rules
-/// engine only decides; traffic shaping carries it out.
+/// engine only decides; traffic shaping carries it out (and counts toward `threshold`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShapingAction {
     None,
     /// Slow down to at most `messages_per_minute` and `connections` for `duration`.
-    Throttle { messages_per_minute: Option<u32>, connections: Option<u32>, duration: Duration },
+    Throttle {
+        messages_per_minute: Option<u32>,
+        connections: Option<u32>,
+        duration: Duration,
+        threshold: Option<Threshold>,
+    },
     /// Stop sending on the path for `duration`.
-    Suspend { duration: Duration },
+    Suspend { duration: Duration, threshold: Option<Threshold> },
+}
+
+impl ShapingAction {
+    pub fn is_none(&self) -> bool {
+        matches!(self, ShapingAction::None)
+    }
+}
+
+impl fmt::Display for ShapingAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let threshold = |f: &mut fmt::Formatter<'_>, t: &Option<Threshold>| match t {
+            Some(t) => write!(f, " after {} matches within {}", t.count, humantime::format_duration(t.window)),
+            None => Ok(()),
+        };
+        match self {
+            ShapingAction::None => f.write_str("none"),
+            ShapingAction::Throttle { messages_per_minute, connections, duration, threshold: t } => {
+                f.write_str("throttle")?;
+                if let Some(m) = messages_per_minute {
+                    write!(f, " to {m} msg/min")?;
+                }
+                if let Some(c) = connections {
+                    write!(f, ", {c} connections")?;
+                }
+                write!(f, " for {}", humantime::format_duration(*duration))?;
+                threshold(f, t)
+            }
+            ShapingAction::Suspend { duration, threshold: t } => {
+                write!(f, "suspend for {}", humantime::format_duration(*duration))?;
+                threshold(f, t)
+            }
+        }
+    }
 }
 
 /// The decision for one recipient after one reply.
@@ -90,4 +161,6 @@ pub struct Outcome {
     /// The id of the rule that decided (stable; appears in events and metrics).
     pub rule_id: String,
     pub shaping: ShapingAction,
+    /// The version (content hash) of the rules table that decided; written into events.
+    pub rules_version: Arc<str>,
 }

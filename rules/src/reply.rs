@@ -1,5 +1,6 @@
 //! SMTP replies exactly as the remote server wrote them.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -122,6 +123,16 @@ fn split_code(line: &str) -> Option<(u16, &str)> {
     Some((code, line.get(4..).unwrap_or("")))
 }
 
+/// One line without its code, separator and enhanced code, trimmed.
+fn line_text(line: &str) -> &str {
+    let rest = split_code(line).map(|(_, r)| r).unwrap_or(line);
+    let rest = match EnhancedCode::parse_prefix(rest) {
+        Some((_, tail)) => tail,
+        None => rest,
+    };
+    rest.trim()
+}
+
 impl Reply {
     /// Builds a reply from raw lines (`250-first`, ..., `250 last`).
     pub fn from_lines<S: Into<String>>(lines: impl IntoIterator<Item = S>) -> Result<Reply, ReplyError> {
@@ -156,24 +167,23 @@ impl Reply {
 
     /// The text with codes removed and lines joined by single spaces: `550-5.1.1 The email
     /// account...\r\n550-5.1.1 try again...` becomes `The email account... try again...`.
+    /// This is what rules' text patterns are matched against.
     pub fn text(&self) -> String {
-        let mut out = String::new();
-        for l in &self.lines {
-            let rest = split_code(l).map(|(_, r)| r).unwrap_or(l);
-            let rest = match EnhancedCode::parse_prefix(rest) {
-                Some((_, tail)) => tail,
-                None => rest,
-            };
-            let rest = rest.trim();
-            if rest.is_empty() {
-                continue;
-            }
-            if !out.is_empty() {
-                out.push(' ');
-            }
-            out.push_str(rest);
+        self.normalized_text().into_owned()
+    }
+
+    /// [`Reply::text`] without allocating for the common one-line reply.
+    pub fn normalized_text(&self) -> Cow<'_, str> {
+        let mut parts = self.lines.iter().map(|l| line_text(l)).filter(|t| !t.is_empty());
+        let Some(first) = parts.next() else { return Cow::Borrowed("") };
+        let Some(second) = parts.next() else { return Cow::Borrowed(first) };
+        let mut out = String::with_capacity(self.lines.iter().map(String::len).sum());
+        out.push_str(first);
+        for t in std::iter::once(second).chain(parts) {
+            out.push(' ');
+            out.push_str(t);
         }
-        out
+        Cow::Owned(out)
     }
 }
 

@@ -14,12 +14,15 @@ mod error;
 mod local;
 mod model;
 mod spool;
+mod suppression;
 
 #[cfg(feature = "rados")]
 pub mod rados;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "conformance")]
+pub mod suppression_conformance;
 
 pub use error::SpoolError;
 pub use local::{LocalSpool, LocalSpoolOptions};
@@ -27,3 +30,4 @@ pub use model::{now_ms, Message, MessageId, MessageMeta, Recipient, RecipientSta
 #[cfg(feature = "rados")]
 pub use rados::{RadosSpool, RadosSpoolOptions};
 pub use spool::{Lease, LeaseRequest, Leased, QueueFilter, Spool, SpoolCounts};
+pub use suppression::{suppression_key, Suppression, SuppressionList};

@@ -55,9 +55,29 @@ async fn workers_share_shards_and_take_over_a_dead_workers_shards() {
     let owned_b: HashSet<u32> = b.owned_shards().into_iter().collect();
     assert!(owned_a.is_disjoint(&owned_b), "no shard has two owners");
 
-    // b dies without releasing anything: its locks must run out and a must take them over
+    // b leases messages for a long time, then dies without releasing anything
+    for i in 0..40 {
+        b.enqueue(vec![message("takeover.test", &[&format!("{i}@takeover.test")])]).await.unwrap();
+    }
+    let held_by_b = b.lease(LeaseRequest::new(100, Duration::from_secs(600))).await.unwrap();
+    assert!(!held_by_b.is_empty(), "b leased from its shards");
     drop(b);
+    // its locks run out and a takes its shards over...
     wait_until("take-over", Duration::from_secs(30), || a.owned_shards().len() == 8).await;
+    // ...and b's in-flight messages come back at once, not when b's 10-minute leases would end
+    let mut got = HashSet::new();
+    let start = Instant::now();
+    while got.len() < 40 {
+        assert!(start.elapsed() < Duration::from_secs(30), "only {} of 40 messages came back", got.len());
+        for l in a.lease(LeaseRequest::new(100, Duration::from_secs(60))).await.unwrap() {
+            got.insert(l.meta.id);
+            a.complete(&l.lease).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for l in &held_by_b {
+        assert!(got.contains(&l.meta.id));
+    }
     a.close().await;
 }
 

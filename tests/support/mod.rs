@@ -50,10 +50,17 @@ pub fn binary() -> &'static str {
 }
 
 /// The config every e2e run uses: ephemeral ports, the test DNS server, the sink's port,
-/// short retries; `extra` is appended (later keys of a table must not repeat earlier ones).
+/// short retries; `extra` is appended (new tables only).
 pub fn config(dir: &Path, peers: &Peers, extra: &str) -> String {
+    config_with(dir, peers, "", "", extra)
+}
+
+/// Like [`config`], with `top` (top-level keys such as `role`) and `mta` (more keys of the
+/// `[mta]` table) inserted where they belong.
+pub fn config_with(dir: &Path, peers: &Peers, top: &str, mta: &str, extra: &str) -> String {
     format!(
         r#"data_dir = "{dir}"
+{top}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -73,6 +80,7 @@ hostname = "sluice.test"
 ehlo_hostname = "sluice.test"
 port = {port}
 idle_poll = "100ms"
+{mta}
 
 [mta.resolver]
 nameservers = ["{dns}"]
@@ -123,13 +131,13 @@ impl Sluice {
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("sluice: ready (") {
+                        // An MTA-only node has no http/smtp listener: those stay 0.0.0.0:0.
                         let addr = |name: &str| -> SocketAddr {
                             rest.trim_end_matches(')')
                                 .split(' ')
                                 .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                                .unwrap_or_else(|| panic!("no {name} address in {line:?}"))
-                                .parse()
-                                .unwrap()
+                                .map(|a| a.parse().unwrap())
+                                .unwrap_or_else(|| "0.0.0.0:0".parse().unwrap())
                         };
                         let (http, smtp, admin) = (addr("http"), addr("smtp"), addr("admin"));
                         return Sluice { child: Some(child), dir: dir.to_path_buf(), http, smtp, admin, output: rx };
@@ -138,6 +146,7 @@ impl Sluice {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("sluice did not get ready; output:\n{}", seen.join("\n"));
                 }
             }
@@ -155,6 +164,10 @@ impl Sluice {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
+                if !status.success() {
+                    let tail: Vec<String> = self.output.try_iter().collect();
+                    eprintln!("sluice exited with {status}; last output:\n{}", tail[tail.len().saturating_sub(30)..].join("\n"));
+                }
                 return status.success();
             }
             if Instant::now() > deadline {
@@ -226,21 +239,12 @@ fn python() -> &'static str {
     "python3"
 }
 
-/// Runs tests/python/inject.py; returns its output lines (`ACK ...` / `ERR ...`).
+/// Runs tests/python/inject.py to the end; returns its output lines (`ACK ...` / `ERR ...`).
 pub fn inject(args: &[&str], input: &Value) -> Vec<String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/inject.py");
-    let mut child = Command::new(python())
-        .arg(&script)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run inject.py");
-    child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "inject.py failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+    let (mut child, lines) = inject_spawn(args, input);
+    let out: Vec<String> = lines.iter().collect();
+    assert!(child.wait().unwrap().success(), "inject.py failed");
+    out
 }
 
 /// A spawned inject.py whose output can be read while it runs.
@@ -251,7 +255,7 @@ pub fn inject_spawn(args: &[&str], input: &Value) -> (Child, mpsc::Receiver<Stri
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("run inject.py");
     child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();

@@ -46,10 +46,6 @@ impl Classify for Recording {
         });
         Builtin.classify(reply, ctx)
     }
-
-    fn version(&self) -> &str {
-        "recording-1"
-    }
 }
 
 pub struct Bench {

@@ -16,12 +16,9 @@ pub fn index_key(queue: &str, due: u64, id: MessageId) -> Vec<u8> {
     k
 }
 
-/// The prefix shared by every index key of `queue`.
-pub fn queue_prefix(queue: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(queue.len() + 1);
-    k.extend_from_slice(queue.as_bytes());
-    k.push(0);
-    k
+/// The smallest index key of `queue` with this due time (a range bound).
+pub fn index_key_min(queue: &str, due: u64) -> Vec<u8> {
+    index_key(queue, due, MessageId::from_bytes([0; 16]))
 }
 
 pub struct IndexKey {

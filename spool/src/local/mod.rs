@@ -1,7 +1,8 @@
 //! The local spool: an embedded fjall database in one directory, owned by one process.
 //!
 //! Keyspaces: `meta` (id → JSON [`MessageMeta`]), `body` (id → raw message, key-value
-//! separated so large bodies stay out of the LSM's compactions) and `index` (see [`keys`]).
+//! separated so large bodies stay out of the LSM's compactions), `index` (see [`keys`]) and
+//! `suppressions` ([`suppression_key`] → JSON [`Suppression`]).
 //!
 //! Enqueues go through a group committer ([`group_commit`]): batches that arrive while an
 //! fsync is in flight share the next one, and every caller is answered only after the fsync
@@ -21,9 +22,10 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
 
 use crate::spool::{Lease, LeaseRequest, Leased, Spool, SpoolCounts};
+use crate::suppression::{self, suppression_key, Suppression, SuppressionList};
 use crate::{now_ms, Message, MessageId, MessageMeta, SpoolError};
 use group_commit::GroupCommitter;
-use keys::{index_key, index_value, parse_index_key, parse_index_value, queue_prefix};
+use keys::{index_key, index_key_min, index_value, parse_index_key, parse_index_value};
 
 /// Options for [`LocalSpool::open`].
 #[derive(Clone, Debug)]
@@ -59,6 +61,10 @@ pub(crate) struct Store {
     meta: Keyspace,
     body: Keyspace,
     index: Keyspace,
+    suppressions: Keyspace,
+    /// Whether the suppression list has ever had an entry: until then the edge's check per
+    /// request is answered without touching the database.
+    any_suppressed: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -79,7 +85,10 @@ struct State {
 
 struct QueueInfo {
     entries: u64,
-    /// No entry of this queue is due before this time (a lower bound; 0 = unknown).
+    /// No live index entry of this queue is due before this time. Lease scans start here,
+    /// so they never walk the tombstones that leased and completed messages leave at the
+    /// head of the queue (an LSM keeps them until compaction). Inserts and reschedules with
+    /// an earlier due time lower it.
     next_due: u64,
 }
 
@@ -103,7 +112,9 @@ impl LocalSpool {
             KeyspaceCreateOptions::default().with_kv_separation(Some(KvSeparationOptions::default()))
         })?;
         let index = db.keyspace("index", KeyspaceCreateOptions::default)?;
-        let store = Arc::new(Store { db, meta, body, index, state: Mutex::new(State::default()) });
+        let suppressions = db.keyspace("suppressions", KeyspaceCreateOptions::default)?;
+        let any_suppressed = std::sync::atomic::AtomicBool::new(suppressions.first_key_value().is_some());
+        let store = Arc::new(Store { db, meta, body, index, suppressions, any_suppressed, state: Mutex::new(State::default()) });
         store.recover()?;
         let committer = GroupCommitter::start(store.clone(), opts.max_batch_messages, opts.max_batch_bytes);
         Ok(LocalSpool { store, committer })
@@ -205,27 +216,24 @@ impl Store {
                     }
                 }
                 let want = req.max_per_queue.min(req.max - picked.len());
-                let mut got = 0;
-                let mut next_due = u64::MAX;
-                for kv in self.index.prefix(queue_prefix(&name)) {
+                let from = queues.get(&name).map(|q| q.next_due).unwrap_or(0);
+                // Bounded above by `now` as well: past it lie the tombstones of recently
+                // completed leases, which an unbounded scan would walk through every time.
+                let range = index_key_min(&name, from)..index_key_min(&name, now + 1);
+                let mut next_due = now + 1;
+                for (got, kv) in self.index.range(range).enumerate() {
                     let (k, v) = kv.into_inner()?;
                     let key = parse_index_key(&k)
                         .ok_or_else(|| SpoolError::Corrupt { what: "index key".into(), reason: format!("{k:?}") })?;
-                    if key.due > now {
-                        next_due = key.due;
-                        break;
-                    }
                     if got == want {
                         next_due = key.due;
                         break;
                     }
                     picked.push((k.to_vec(), name.clone(), key.id, parse_index_value(&v).0));
-                    got += 1;
                 }
                 if let Some(q) = queues.get_mut(&name) {
-                    // Leased entries move to `until`; nothing else in the queue is due before
-                    // whichever comes first.
-                    q.next_due = if got > 0 { next_due.min(until) } else { next_due };
+                    // Leased entries move to `until`, later than anything left behind.
+                    q.next_due = next_due;
                 }
                 *cursor = Some(name);
             }
@@ -371,14 +379,14 @@ impl Spool for LocalSpool {
         blocking(move || store.lease(&req)).await
     }
 
+    // Reschedule and complete are unsynced writes into the memtable and the journal's buffer:
+    // microseconds, cheaper inline than a hand-off to the blocking pool for every message.
     async fn reschedule(&self, lease: &Lease, meta: MessageMeta) -> Result<(), SpoolError> {
-        let (store, lease) = (self.store.clone(), lease.clone());
-        blocking(move || store.reschedule(&lease, meta)).await
+        self.store.reschedule(lease, meta)
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let (store, lease) = (self.store.clone(), lease.clone());
-        blocking(move || store.complete(&lease)).await
+        self.store.complete(lease)
     }
 
     async fn get(&self, id: MessageId) -> Result<Option<MessageMeta>, SpoolError> {
@@ -398,5 +406,59 @@ impl Spool for LocalSpool {
 
     fn backend(&self) -> &'static str {
         "local"
+    }
+}
+
+#[async_trait]
+impl SuppressionList for LocalSpool {
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<(), SpoolError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        blocking(move || {
+            // Synced: a hard bounce is rare next to a message, and a lost entry means one
+            // more send to an address known to be dead.
+            let mut batch = store.db.batch().durability(Some(PersistMode::SyncData));
+            for e in &entries {
+                batch.insert(&store.suppressions, suppression_key(&e.tenant, &e.address), suppression::encode(e)?);
+            }
+            batch.commit()?;
+            store.any_suppressed.store(true, std::sync::atomic::Ordering::Release);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn check(&self, tenant: &str, addresses: &[String]) -> Result<Vec<bool>, SpoolError> {
+        if !self.store.any_suppressed.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(vec![false; addresses.len()]);
+        }
+        let store = self.store.clone();
+        let keys: Vec<String> = addresses.iter().map(|a| suppression_key(tenant, a)).collect();
+        blocking(move || keys.iter().map(|k| Ok(store.suppressions.contains_key(k)?)).collect()).await
+    }
+
+    async fn get(&self, tenant: &str, address: &str) -> Result<Option<Suppression>, SpoolError> {
+        let store = self.store.clone();
+        let key = suppression_key(tenant, address);
+        blocking(move || match store.suppressions.get(&key)? {
+            Some(v) => suppression::decode(&key, &v).map(Some),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn remove(&self, tenant: &str, address: &str) -> Result<bool, SpoolError> {
+        let store = self.store.clone();
+        let key = suppression_key(tenant, address);
+        blocking(move || {
+            let existed = store.suppressions.contains_key(&key)?;
+            let mut batch = store.db.batch().durability(Some(PersistMode::SyncData));
+            batch.remove(&store.suppressions, key);
+            batch.commit()?;
+            Ok(existed)
+        })
+        .await
     }
 }

@@ -68,10 +68,13 @@ struct Cluster {
 unsafe impl Send for Cluster {}
 unsafe impl Sync for Cluster {}
 
+thread_local! {
+    /// Set while a completion callback runs on a librados finisher thread.
+    static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // The last reference can go on a librados finisher thread (an operation's completion
-        // callback drops it); `rados_shutdown` joins those threads, so it must run elsewhere.
         struct Handles(ffi::rados_t, ffi::rados_ioctx_t);
         // SAFETY: handles are only moved to the thread that destroys them.
         unsafe impl Send for Handles {}
@@ -84,8 +87,15 @@ impl Drop for Cluster {
                 ffi::rados_shutdown(h.0);
             }
         };
-        if std::thread::Builder::new().name("rados-shutdown".into()).spawn(shutdown).is_err() {
-            tracing::error!("rados: could not start the shutdown thread; leaking the cluster handle");
+        // `rados_shutdown` joins librados' finisher threads, so it cannot run on one (the last
+        // reference can go in a completion callback): hand it to a thread of its own then.
+        // Everywhere else shut down right here, so nothing is left running at process exit.
+        if IN_CALLBACK.with(|c| c.get()) {
+            if std::thread::Builder::new().name("rados-shutdown".into()).spawn(shutdown).is_err() {
+                tracing::error!("rados: could not start the shutdown thread; leaking the cluster handle");
+            }
+        } else {
+            shutdown();
         }
     }
 }
@@ -516,12 +526,15 @@ unsafe impl Send for OpState {}
 unsafe impl Sync for OpState {}
 
 extern "C" fn on_complete(_c: ffi::rados_completion_t, arg: *mut c_void) {
+    IN_CALLBACK.with(|c| c.set(true));
     // SAFETY: `arg` came from Arc::into_raw in `start` and is consumed exactly once here.
     let state = unsafe { Arc::from_raw(arg as *const OpState) };
     let tx = state.done.lock().expect("op state").take();
     if let Some(tx) = tx {
         let _ = tx.send(());
     }
+    drop(state);
+    IN_CALLBACK.with(|c| c.set(false));
 }
 
 impl OpState {

@@ -7,9 +7,15 @@
 //!   - `i<queue>|<due, 16 hex>|<id>` → [`IndexValue`]: the queue index, sorted by queue, then
 //!     due time, then id, so one prefix scan yields a queue's due messages oldest first;
 //!   - `m<id>` → the message's current `i` key (to find a message by id);
-//!   - `q<queue>` → a token rewritten on every insert: the shard's queue directory.
+//!   - `q<queue>` → a token rewritten on every insert: the shard's queue directory;
+//!   - `l<id>` → the `i` key of a leased message: the shard's in-flight list, so a new owner
+//!     finds a dead owner's leases without scanning the whole index.
+//!
 //!   The shard's owner holds the exclusive cls_lock `sluice-owner` on this object.
 //! - `sluice.msg.NNNN.<id>`: a message body (the RFC 5322 bytes), NNNN its index shard.
+//! - `sluice.suppressions.NN`: the suppression list, [`SUPPRESSION_SHARDS`] objects; omap
+//!   [`crate::suppression_key`] → JSON [`crate::Suppression`], the object chosen by a hash of
+//!   the key so one hot object does not take every bounce of a deployment.
 
 use crate::{MessageId, MessageMeta, SpoolError};
 
@@ -17,6 +23,20 @@ pub const META_OBJECT: &str = "sluice.meta";
 pub const WORKERS_OBJECT: &str = "sluice.workers";
 pub const BODY_PREFIX: &str = "sluice.msg.";
 pub const OWNER_LOCK: &str = "sluice-owner";
+
+/// Objects the suppression list is spread over (fixed: changing it would hide entries).
+pub const SUPPRESSION_SHARDS: u32 = 16;
+
+/// The object holding a suppression key: FNV-1a of the key (written out here because the
+/// hash must never change between versions, which std's hasher does not promise).
+pub fn suppression_object(key: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("sluice.suppressions.{:02}", h % SUPPRESSION_SHARDS)
+}
 
 pub fn shard_object(shard: u32) -> String {
     format!("sluice.shard.{shard:04}")
@@ -58,6 +78,10 @@ pub fn parse_index_key(k: &[u8]) -> Option<IndexKey> {
 
 pub fn id_key(id: MessageId) -> String {
     format!("m{id}")
+}
+
+pub fn lease_key(id: MessageId) -> String {
+    format!("l{id}")
 }
 
 pub fn dir_key(queue: &str) -> String {

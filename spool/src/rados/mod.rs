@@ -33,6 +33,7 @@ use layout::*;
 use shards::Ownership;
 
 use crate::spool::{Lease, LeaseRequest, Leased, Spool, SpoolCounts};
+use crate::suppression::{self, suppression_key, Suppression, SuppressionList};
 use crate::{now_ms, Message, MessageId, MessageMeta, SpoolError};
 
 impl From<RadosError> for SpoolError {
@@ -102,6 +103,14 @@ struct IndexRequest {
     done: oneshot::Sender<Result<(), SpoolError>>,
 }
 
+/// An owner's change to its shard (reschedule, complete): batched with the others waiting
+/// into one fenced write.
+struct SettleRequest {
+    rm: Vec<Vec<u8>>,
+    set: Vec<(Vec<u8>, Vec<u8>)>,
+    done: oneshot::Sender<Result<(), SpoolError>>,
+}
+
 struct Inner {
     rados: Rados,
     shards: u32,
@@ -111,6 +120,8 @@ struct Inner {
     shard_locks: Vec<tokio::sync::Mutex<()>>,
     /// Per-shard group committers for edge index writes.
     committers: Vec<mpsc::Sender<IndexRequest>>,
+    /// Per-shard group committers for the owner's reschedules and completions.
+    settlers: Vec<mpsc::Sender<SettleRequest>>,
     cursor: Mutex<usize>,
     opts: RadosSpoolOptions,
 }
@@ -168,6 +179,7 @@ impl RadosSpool {
             committers.push(tx);
             background.push(tokio::spawn(commit_index(rados.clone(), shard, rx)));
         }
+        let (settlers, settle_rx): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel::<SettleRequest>(4096)).unzip();
         let inner = Arc::new(Inner {
             rados,
             shards,
@@ -175,12 +187,19 @@ impl RadosSpool {
             leases: Mutex::new(HashMap::new()),
             shard_locks: (0..shards).map(|_| tokio::sync::Mutex::new(())).collect(),
             committers,
+            settlers,
             cursor: Mutex::new(0),
             opts,
         });
+        if inner.ownership.is_some() {
+            for (shard, rx) in settle_rx.into_iter().enumerate() {
+                background.push(tokio::spawn(settle(inner.clone(), shard as u32, rx)));
+            }
+        }
         let stop = tokio_util_like::Stop::new();
         if let Some(own) = &inner.ownership {
-            own.tick(&|s| inner.in_flight(s)).await;
+            let taken = own.tick(&|s| inner.in_flight(s)).await;
+            inner.recover_shards(taken).await;
             background.push(tokio::spawn(maintain(inner.clone(), stop.clone())));
         }
         tracing::info!(pool = %inner.opts.pool, shards, owned = inner.ownership.as_ref().map(|o| o.owned_count()), "rados spool: opened");
@@ -279,6 +298,37 @@ async fn commit_index(rados: Rados, shard: u32, mut rx: mpsc::Receiver<IndexRequ
     }
 }
 
+/// Group commit of an owner's reschedules and completions on one shard: everything waiting
+/// goes out in one fenced write.
+async fn settle(inner: Arc<Inner>, shard: u32, mut rx: mpsc::Receiver<SettleRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first];
+        while reqs.len() < 1024 {
+            match rx.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut rm = Vec::new();
+        let mut set = Vec::new();
+        for r in &mut reqs {
+            rm.append(&mut r.rm);
+            set.append(&mut r.set);
+        }
+        let result = {
+            let _guard = inner.shard_locks[shard as usize].lock().await;
+            inner.owner_write(shard, WriteOp::new().omap_rm(rm).omap_set(set)).await
+        };
+        for r in reqs {
+            let _ = r.done.send(match &result {
+                Ok(()) => Ok(()),
+                Err(SpoolError::Unavailable(e)) => Err(SpoolError::Unavailable(e.clone())),
+                Err(e) => Err(SpoolError::Storage(e.to_string())),
+            });
+        }
+    }
+}
+
 /// Background: renew and rebalance shards; sweep orphans now and then.
 async fn maintain(inner: Arc<Inner>, stop: tokio_util_like::Stop) {
     let own = inner.ownership.as_ref().expect("maintain runs only for owners");
@@ -289,7 +339,8 @@ async fn maintain(inner: Arc<Inner>, stop: tokio_util_like::Stop) {
             _ = stop.stopped() => return,
             _ = tokio::time::sleep(tick) => {}
         }
-        own.tick(&|s| inner.in_flight(s)).await;
+        let taken = own.tick(&|s| inner.in_flight(s)).await;
+        inner.recover_shards(taken).await;
         let every = inner.opts.sweep_interval;
         if !every.is_zero() && last_sweep.elapsed() >= every {
             last_sweep = Instant::now();
@@ -480,6 +531,7 @@ impl Inner {
             rm.push(old_key.into_bytes());
             set.push((key.clone().into_bytes(), value.encode()?));
             set.push((id_key(id).into_bytes(), key.clone().into_bytes()));
+            set.push((lease_key(id).into_bytes(), key.clone().into_bytes()));
             out.push((key, value));
         }
         self.owner_write(shard, WriteOp::new().omap_rm(rm).omap_set(set)).await?;
@@ -506,11 +558,18 @@ impl Inner {
 
     /// Runs a fenced write for a held lease; on failure the lease is put back unless the
     /// shard was lost (then the caller learns the lease is gone).
-    async fn write_for_lease(&self, lease: &Lease, held: LeaseState, op: WriteOp) -> Result<(), SpoolError> {
+    async fn write_for_lease(
+        &self,
+        lease: &Lease,
+        held: LeaseState,
+        rm: Vec<Vec<u8>>,
+        set: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), SpoolError> {
         let shard = held.shard;
-        let result = {
-            let _guard = self.shard_locks[shard as usize].lock().await;
-            self.owner_write(shard, op).await
+        let (done, answer) = oneshot::channel();
+        let result = match self.settlers[shard as usize].send(SettleRequest { rm, set, done }).await {
+            Ok(()) => answer.await.unwrap_or(Err(SpoolError::Closed)),
+            Err(_) => Err(SpoolError::Closed),
         };
         match result {
             Ok(()) => Ok(()),
@@ -526,17 +585,16 @@ impl Inner {
         let held = self.take_lease(lease)?;
         let key = index_key(&meta.queue, meta.due_at, meta.id);
         let value = IndexValue { attempts: meta.attempts, leased: false, body_len: held.body_len, meta };
-        let op = WriteOp::new()
-            .omap_rm(vec![held.key.clone().into_bytes()])
-            .omap_set(vec![(key.clone().into_bytes(), value.encode()?), (id_key(lease.id).into_bytes(), key.into_bytes())]);
-        self.write_for_lease(lease, held, op).await
+        let rm = vec![held.key.clone().into_bytes(), lease_key(lease.id).into_bytes()];
+        let set = vec![(key.clone().into_bytes(), value.encode()?), (id_key(lease.id).into_bytes(), key.into_bytes())];
+        self.write_for_lease(lease, held, rm, set).await
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
         let held = self.take_lease(lease)?;
         let shard = held.shard;
-        let op = WriteOp::new().omap_rm(vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes()]);
-        self.write_for_lease(lease, held, op).await?;
+        let rm = vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes(), lease_key(lease.id).into_bytes()];
+        self.write_for_lease(lease, held, rm, Vec::new()).await?;
         // The index no longer refers to the body; if this fails the sweeper removes it.
         match self.rados.remove(&body_object(shard, lease.id)).await {
             Ok(()) => {}
@@ -548,8 +606,62 @@ impl Inner {
 
     async fn remove_entry(&self, lease: &Lease) -> Result<(), SpoolError> {
         let held = self.take_lease(lease)?;
-        let op = WriteOp::new().omap_rm(vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes()]);
-        self.write_for_lease(lease, held, op).await
+        let rm = vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes(), lease_key(lease.id).into_bytes()];
+        self.write_for_lease(lease, held, rm, Vec::new()).await
+    }
+
+    /// After taking a shard over: the previous owner's leases are void (its writes are fenced),
+    /// so their messages become due now instead of when those leases would have run out.
+    async fn recover_shard(&self, shard: u32) -> Result<usize, SpoolError> {
+        let oid = shard_object(shard);
+        let mut recovered = 0;
+        let mut after = "l".to_string();
+        loop {
+            let page = self.rados.omap_get(&oid, &[OmapQuery { start_after: after.clone(), prefix: "l".into(), max: 500 }]).await?.remove(0);
+            let _guard = self.shard_locks[shard as usize].lock().await;
+            let ours: std::collections::HashSet<MessageId> = self.leases.lock().expect("leases").keys().copied().collect();
+            let stale: Vec<(Vec<u8>, Vec<u8>)> = page
+                .entries
+                .iter()
+                .filter(|(k, _)| {
+                    std::str::from_utf8(k).ok().and_then(|s| s[1..].parse::<MessageId>().ok()).is_some_and(|id| !ours.contains(&id))
+                })
+                .cloned()
+                .collect();
+            if !stale.is_empty() {
+                let ikeys: Vec<Vec<u8>> = stale.iter().map(|(_, v)| v.clone()).collect();
+                let values = self.rados.omap_get_by_keys(&oid, &ikeys).await?;
+                let now = now_ms();
+                let mut rm: Vec<Vec<u8>> = stale.iter().map(|(k, _)| k.clone()).collect();
+                let mut set = Vec::new();
+                for (old_key, v) in values {
+                    let mut value = IndexValue::decode(&v)?;
+                    value.leased = false;
+                    let key = index_key(&value.meta.queue, now, value.meta.id);
+                    set.push((id_key(value.meta.id).into_bytes(), key.clone().into_bytes()));
+                    set.push((key.into_bytes(), value.encode()?));
+                    rm.push(old_key);
+                    recovered += 1;
+                }
+                self.owner_write(shard, WriteOp::new().omap_rm(rm).omap_set(set)).await?;
+            }
+            match page.entries.last() {
+                Some((k, _)) if page.more => after = String::from_utf8_lossy(k).into_owned(),
+                _ => break,
+            }
+        }
+        if recovered > 0 {
+            tracing::info!(shard, recovered, "rados spool: the previous owner's leased messages are due again");
+        }
+        Ok(recovered)
+    }
+
+    async fn recover_shards(&self, shards: Vec<u32>) {
+        for shard in shards {
+            if let Err(e) = self.recover_shard(shard).await {
+                tracing::warn!(shard, error = %e, "rados spool: could not recover the previous owner's leases");
+            }
+        }
     }
 
     async fn get(&self, id: MessageId) -> Result<Option<MessageMeta>, SpoolError> {
@@ -691,5 +803,68 @@ impl Spool for RadosSpool {
 
     fn backend(&self) -> &'static str {
         "rados"
+    }
+}
+
+/// The suppression list in omap objects shared by every process of the deployment; works
+/// for edge-only processes too (no shard ownership involved).
+#[async_trait]
+impl SuppressionList for RadosSpool {
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<(), SpoolError> {
+        let mut by_object: BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
+        for e in &entries {
+            let key = suppression_key(&e.tenant, &e.address);
+            by_object.entry(suppression_object(&key)).or_default().push((key.into_bytes(), suppression::encode(e)?));
+        }
+        let writes = by_object.into_iter().map(|(oid, kvs)| {
+            let rados = self.inner.rados.clone();
+            async move { rados.write(&oid, WriteOp::new().create(false).omap_set(kvs)).await }
+        });
+        for r in futures::future::join_all(writes).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn check(&self, tenant: &str, addresses: &[String]) -> Result<Vec<bool>, SpoolError> {
+        let keys: Vec<String> = addresses.iter().map(|a| suppression_key(tenant, a)).collect();
+        let mut by_object: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for k in &keys {
+            by_object.entry(suppression_object(k)).or_default().push(k.clone().into_bytes());
+        }
+        let reads = by_object.into_iter().map(|(oid, ks)| {
+            let rados = self.inner.rados.clone();
+            async move {
+                match rados.omap_get_by_keys(&oid, &ks).await {
+                    Ok(found) => Ok(found.into_iter().map(|(k, _)| k).collect::<Vec<_>>()),
+                    Err(e) if e.is_not_found() => Ok(Vec::new()),
+                    Err(e) => Err(SpoolError::from(e)),
+                }
+            }
+        });
+        let mut present = std::collections::HashSet::new();
+        for r in futures::future::join_all(reads).await {
+            present.extend(r?);
+        }
+        Ok(keys.iter().map(|k| present.contains(k.as_bytes())).collect())
+    }
+
+    async fn get(&self, tenant: &str, address: &str) -> Result<Option<Suppression>, SpoolError> {
+        let key = suppression_key(tenant, address);
+        match self.inner.rados.omap_get_by_keys(&suppression_object(&key), &[key.clone().into_bytes()]).await {
+            Ok(found) => found.into_iter().next().map(|(_, v)| suppression::decode(&key, &v)).transpose(),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn remove(&self, tenant: &str, address: &str) -> Result<bool, SpoolError> {
+        if SuppressionList::get(self, tenant, address).await?.is_none() {
+            return Ok(false);
+        }
+        let key = suppression_key(tenant, address);
+        let op = WriteOp::new().omap_rm(vec![key.clone().into_bytes()]);
+        self.inner.rados.write(&suppression_object(&key), op).await?;
+        Ok(true)
     }
 }

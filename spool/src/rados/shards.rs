@@ -64,8 +64,10 @@ impl Ownership {
     }
 
     /// One round: heartbeat, renew, drop expired, take or hand back shards.
-    /// `in_flight(shard)` tells how many leases this process holds on a shard.
-    pub async fn tick(&self, in_flight: &(dyn Fn(u32) -> usize + Sync)) {
+    /// `in_flight(shard)` tells how many leases this process holds on a shard. Returns the
+    /// shards taken over in this round.
+    pub async fn tick(&self, in_flight: &(dyn Fn(u32) -> usize + Sync)) -> Vec<u32> {
+        let mut taken = Vec::new();
         let now = now_ms();
         let lease_ms = self.lease.as_millis() as u64;
         let live = match self.heartbeat(now, lease_ms).await {
@@ -132,12 +134,14 @@ impl Ownership {
                 Ok(()) => {
                     self.owned.lock().expect("ownership").insert(shard, ShardState { draining: false, renewed_at: now });
                     tracing::info!(shard, "rados spool: took ownership of shard");
+                    taken.push(shard);
                 }
                 Err(e) if e.is_busy() => {}
                 Err(e) => tracing::warn!(shard, error = %e, "rados spool: could not lock shard"),
             }
         }
         metrics::gauge!("sluice_spool_shards_owned").set(self.owned_count() as f64);
+        taken
     }
 
     /// Releases every shard (at shutdown, after in-flight work finished).

@@ -1,0 +1,109 @@
+//! Spool throughput: enqueue, then lease + complete, with many concurrent callers.
+//!
+//!   cargo run --release -p sluice-spool --example spool_bench -- local --dir /tmp/x
+//!   cargo run --release -p sluice-spool --features rados --example spool_bench -- rados --conf C --pool P
+//!
+//! Options: --messages N (20000), --concurrency C (64 enqueuers), --batch B (messages per
+//! enqueue, 1), --body BYTES (4096), --lease-batch L (256). Prints one JSON line of results.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sluice_spool::conformance::message;
+use sluice_spool::{LeaseRequest, LocalSpool, LocalSpoolOptions, Spool};
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let backend = args.get(1).cloned().unwrap_or_else(|| "local".into());
+    let messages: usize = arg(&args, "--messages", "20000").parse().unwrap();
+    let concurrency: usize = arg(&args, "--concurrency", "64").parse().unwrap();
+    let batch: usize = arg(&args, "--batch", "1").parse().unwrap();
+    let body: usize = arg(&args, "--body", "4096").parse().unwrap();
+    let lease_batch: usize = arg(&args, "--lease-batch", "256").parse().unwrap();
+
+    let spool: Arc<dyn Spool> = match backend.as_str() {
+        "local" => {
+            let dir = arg(&args, "--dir", "/tmp/sluice-spool-bench");
+            let _ = std::fs::remove_dir_all(&dir);
+            Arc::new(LocalSpool::open(LocalSpoolOptions::new(&dir)).unwrap())
+        }
+        #[cfg(feature = "rados")]
+        "rados" => {
+            let mut o = sluice_spool::RadosSpoolOptions::new(arg(&args, "--conf", "ceph.conf"), arg(&args, "--pool", "sluice"));
+            o.namespace = Some(format!("bench-{}", sluice_spool::MessageId::new()));
+            o.shards = arg(&args, "--shards", "16").parse().unwrap();
+            Arc::new(sluice_spool::RadosSpool::open(o).await.unwrap())
+        }
+        other => panic!("unknown backend {other} (rados needs --features rados)"),
+    };
+    let payload = Bytes::from(vec![b'x'; body]);
+
+    // Enqueue: `concurrency` tasks, each enqueueing batches of `batch` messages.
+    let per_task = messages / concurrency / batch;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let (spool, payload) = (spool.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                let b: Vec<_> = (0..batch)
+                    .map(|j| {
+                        let mut m = message(&format!("d{}.test", (t + j) % 50), &[&format!("{t}-{i}-{j}@x.test")]);
+                        m.body = payload.clone();
+                        m
+                    })
+                    .collect();
+                spool.enqueue(b).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let enq = started.elapsed();
+    let total = per_task * concurrency * batch;
+
+    // Lease + complete until empty, 4 workers.
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let spool = spool.clone();
+        workers.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            let mut empty = 0;
+            loop {
+                let got = spool.lease(LeaseRequest::new(lease_batch, Duration::from_secs(300))).await.unwrap();
+                if got.is_empty() {
+                    empty += 1;
+                    if empty > 3 {
+                        return n;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                empty = 0;
+                let completes = got.iter().map(|l| spool.complete(&l.lease));
+                for r in futures::future::join_all(completes).await {
+                    r.unwrap();
+                }
+                n += got.len();
+            }
+        }));
+    }
+    let mut drained = 0;
+    for w in workers {
+        drained += w.await.unwrap();
+    }
+    let drain = started.elapsed();
+    println!(
+        "{{\"backend\":\"{backend}\",\"messages\":{total},\"body_bytes\":{body},\"concurrency\":{concurrency},\"batch\":{batch},\"enqueue_per_s\":{:.0},\"lease_complete_per_s\":{:.0},\"drained\":{drained}}}",
+        total as f64 / enq.as_secs_f64(),
+        drained as f64 / drain.as_secs_f64(),
+    );
+}
