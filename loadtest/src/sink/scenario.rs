@@ -1,8 +1,9 @@
 //! What the sink answers: an ordered list of rules, each saying at which SMTP stage and for
 //! which envelope it applies, and what to do there (a reply, a delay, hanging up).
 //!
-//! A scenario is plain data (`Deserialize`), so a mock ISP can later be described in a file;
-//! new kinds of conditions (e.g. a rate or a probability) are new fields of [`Rule`].
+//! A scenario is plain data (`Deserialize`), so a mock ISP is described in a file (see
+//! [`super::profile`]). A rule can apply to a percentage of the envelopes it matches: that is
+//! how a provider defers 3% and bounces 1% of its mail.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -83,8 +84,46 @@ impl fmt::Display for ReplySpec {
     }
 }
 
-/// Which envelopes a rule applies to.
+/// How long the sink takes to answer at each stage (before the reply; a rule's `delay` adds
+/// to it). Real MX hosts take milliseconds at connect and after DATA, less elsewhere.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Latency {
+    /// Before the banner.
+    #[serde(with = "humantime_serde")]
+    pub connect: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub ehlo: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub starttls: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub mail: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub rcpt: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub data: Option<Duration>,
+    /// After the final dot: where real providers spend their time (filtering, storing).
+    #[serde(with = "humantime_serde")]
+    pub end_of_data: Option<Duration>,
+}
+
+impl Latency {
+    pub fn at(&self, stage: Stage) -> Option<Duration> {
+        match stage {
+            Stage::Connect => self.connect,
+            Stage::Ehlo => self.ehlo,
+            Stage::StartTls => self.starttls,
+            Stage::Mail => self.mail,
+            Stage::Rcpt => self.rcpt,
+            Stage::Data => self.data,
+            Stage::EndOfData => self.end_of_data,
+        }
+        .filter(|d| !d.is_zero())
+    }
+}
+
+/// Which envelopes a rule applies to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Match {
     /// Every envelope, at every stage.
@@ -144,13 +183,19 @@ pub struct Rule {
     /// Close the connection (after `delay`) without replying.
     #[serde(default)]
     pub disconnect: bool,
+    /// Apply to this percentage (0–100) of the matching envelopes, chosen at random. The
+    /// percentage rules that match at one stage share one random draw and take consecutive
+    /// slices of it, so `defer 3%` followed by `bounce 1%` gives exactly 3% and 1%, not 1%
+    /// of the remaining 97%.
+    #[serde(default)]
+    pub percent: Option<f64>,
 }
 
 impl Rule {
     /// A rule at `stage` for every envelope that changes nothing yet; refine it with the
     /// builder methods.
     pub fn at(stage: Stage) -> Rule {
-        Rule { stage, when: Match::Any, reply: None, delay: None, times: None, disconnect: false }
+        Rule { stage, when: Match::Any, reply: None, delay: None, times: None, disconnect: false, percent: None }
     }
 
     pub fn when(mut self, m: Match) -> Rule {
@@ -177,6 +222,29 @@ impl Rule {
     pub fn disconnect(mut self) -> Rule {
         self.disconnect = true;
         self
+    }
+
+    pub fn percent(mut self, percent: f64) -> Rule {
+        self.percent = Some(percent);
+        self
+    }
+
+    /// `"rules[i].field: reason"`-style problems: a reply that is not a failure where the
+    /// stage needs one, a percentage outside 0–100.
+    fn validate(&self) -> Result<(), String> {
+        if let Some(p) = self.percent {
+            if !(0.0..=100.0).contains(&p) || p.is_nan() {
+                return Err(format!("percent: {p} is not between 0 and 100"));
+            }
+        }
+        if self.stage == Stage::Data {
+            if let Some(r) = &self.reply {
+                if r.code != 354 && r.is_positive() {
+                    return Err(format!("reply: {} at data must be 354 or a failure", r.code));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -232,6 +300,27 @@ impl Scenario {
         self.rules.insert(0, rule);
         self
     }
+
+    /// Checks every rule; the error names the rule (`rules[2].percent: ...`).
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, rule) in self.rules.iter().enumerate() {
+            rule.validate().map_err(|e| format!("rules[{i}].{e}"))?;
+        }
+        let mut per_stage: HashMap<(Stage, &Match), f64> = HashMap::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let Some(p) = rule.percent {
+                let total = per_stage.entry((rule.stage, &rule.when)).or_insert(0.0);
+                *total += p;
+                if *total > 100.0 + 1e-9 {
+                    return Err(format!(
+                        "rules[{i}].percent: the percentages at {} add up to {total}, more than 100",
+                        rule.stage.as_str()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A scenario plus the per-rule counters that `times` needs.
@@ -247,9 +336,25 @@ impl ScenarioState {
 
     /// The action of the first matching rule at `stage` (the default action if none).
     pub fn decide(&self, stage: Stage, env: &Envelope<'_>) -> Action {
+        self.decide_with(stage, env, &mut rand::rng())
+    }
+
+    /// [`decide`](Self::decide) with a given source of randomness (tests use a seeded one).
+    pub fn decide_with(&self, stage: Stage, env: &Envelope<'_>, rng: &mut impl rand::Rng) -> Action {
+        // One draw per decision; percentage rules take consecutive slices of it.
+        let mut draw: Option<f64> = None;
+        let mut slice_start = 0.0;
         for (i, rule) in self.scenario.rules.iter().enumerate() {
             if rule.stage != stage || !rule.when.matches(env) {
                 continue;
+            }
+            if let Some(p) = rule.percent {
+                let u = *draw.get_or_insert_with(|| rng.random_range(0.0..100.0));
+                let hit = u >= slice_start && u < slice_start + p;
+                slice_start += p;
+                if !hit {
+                    continue;
+                }
             }
             if let Some(limit) = rule.times {
                 let key = match stage {
