@@ -10,7 +10,7 @@
 //!   received) and their comparison;
 //! - [`bench`]: the benchmark harness behind `scripts/bench.sh`.
 
-// pub mod bench;
+pub mod bench;
 pub mod dns;
 pub mod gen;
 pub mod ledger;

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-pub use fleet::{Fleet, FleetConfig, FleetError, FleetReport, ProviderConfig, ProviderReport};
+pub use fleet::{Fleet, FleetConfig, FleetError, FleetOptions, FleetReport, ProviderConfig, ProviderReport, ReplyClasses};
 pub use limits::{Limits, Rate};
 use limits::Limiter;
 pub use profile::{Profile, ProfileError};

@@ -50,6 +50,8 @@ pub struct Profile {
     pub limits: Limits,
     /// Replies other than the normal ones, first match wins (see [`Rule`]).
     pub rules: Vec<Rule>,
+    /// Seeds the `percent` draws (repeatable runs); random by default.
+    pub seed: Option<u64>,
 }
 
 impl Default for Profile {
@@ -62,6 +64,7 @@ impl Default for Profile {
             latency: Latency::default(),
             limits: Limits::default(),
             rules: Vec::new(),
+            seed: None,
         }
     }
 }
@@ -108,7 +111,11 @@ impl Profile {
             return Err("max_message_bytes: must be at least 1024".into());
         }
         self.limits.validate().map_err(|e| format!("limits.{e}"))?;
-        Scenario { rules: self.rules.clone() }.validate()
+        self.scenario().validate()
+    }
+
+    pub fn scenario(&self) -> Scenario {
+        Scenario { rules: self.rules.clone(), seed: self.seed }
     }
 
     /// The sink configuration for this profile (messages are not kept in memory).
@@ -119,7 +126,7 @@ impl Profile {
             pipelining: self.pipelining,
             max_message_bytes: self.max_message_bytes,
             record_messages: false,
-            scenario: Scenario { rules: self.rules.clone() },
+            scenario: self.scenario(),
             latency: self.latency.clone(),
             limits: self.limits.clone(),
             tracker: None,

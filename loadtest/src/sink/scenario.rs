@@ -263,6 +263,11 @@ pub struct Action {
 pub struct Scenario {
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Seeds the random choices of `percent` rules, so that a run makes the same number of
+    /// hits for the same number of decisions (which connection gets which draw still
+    /// depends on timing). Unseeded by default.
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 impl Default for Scenario {
@@ -274,7 +279,7 @@ impl Default for Scenario {
 impl Scenario {
     /// Accepts everything.
     pub fn accept_all() -> Scenario {
-        Scenario { rules: Vec::new() }
+        Scenario { rules: Vec::new(), seed: None }
     }
 
     /// Recipients whose local part starts with `bounce` are rejected with `550 5.1.1`, with
@@ -292,6 +297,12 @@ impl Scenario {
     /// Appends a rule (it applies after the existing ones).
     pub fn rule(mut self, rule: Rule) -> Scenario {
         self.rules.push(rule);
+        self
+    }
+
+    /// Makes the percentage draws repeatable.
+    pub fn seeded(mut self, seed: u64) -> Scenario {
+        self.seed = Some(seed);
         self
     }
 
@@ -327,16 +338,22 @@ impl Scenario {
 pub(crate) struct ScenarioState {
     pub scenario: Scenario,
     hits: Mutex<HashMap<(usize, String), u32>>,
+    seeded: Option<Mutex<rand::rngs::StdRng>>,
 }
 
 impl ScenarioState {
     pub fn new(scenario: Scenario) -> Self {
-        ScenarioState { scenario, hits: Mutex::new(HashMap::new()) }
+        use rand::SeedableRng;
+        let seeded = scenario.seed.map(|s| Mutex::new(rand::rngs::StdRng::seed_from_u64(s)));
+        ScenarioState { scenario, hits: Mutex::new(HashMap::new()), seeded }
     }
 
     /// The action of the first matching rule at `stage` (the default action if none).
     pub fn decide(&self, stage: Stage, env: &Envelope<'_>) -> Action {
-        self.decide_with(stage, env, &mut rand::rng())
+        match &self.seeded {
+            Some(rng) => self.decide_with(stage, env, &mut *rng.lock().expect("scenario lock")),
+            None => self.decide_with(stage, env, &mut rand::rng()),
+        }
     }
 
     /// [`decide`](Self::decide) with a given source of randomness (tests use a seeded one).
@@ -417,6 +434,53 @@ mod tests {
         let code = |r: &[String]| s.decide(Stage::Rcpt, &Envelope { sender: None, recipients: r }).reply.map(|r| r.code);
         assert_eq!([code(&a), code(&a), code(&a)], [Some(451), Some(451), None]);
         assert_eq!(code(&b), Some(451), "counted per recipient");
+    }
+
+    #[test]
+    fn percentages_are_disjoint_slices_of_one_draw() {
+        use rand::SeedableRng;
+        let s = ScenarioState::new(
+            Scenario::accept_all()
+                .rule(Rule::at(Stage::Rcpt).percent(3.0).reply("451 4.7.1 later"))
+                .rule(Rule::at(Stage::Rcpt).percent(1.0).reply("550 5.1.1 unknown"))
+                .rule(Rule::at(Stage::Rcpt).when(Match::Domain("never.test".into())).reply("550 5.7.1 no")),
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let rcpt = rcpt("a@x.test");
+        let env = Envelope { sender: None, recipients: &rcpt };
+        let n = 200_000;
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            let code = s.decide_with(Stage::Rcpt, &env, &mut rng).reply.map(|r| r.code).unwrap_or(250);
+            *counts.entry(code).or_insert(0u32) += 1;
+        }
+        let share = |code| counts.get(&code).copied().unwrap_or(0) as f64 * 100.0 / n as f64;
+        // Binomial standard deviations at n = 200,000: 0.038 points for 3%, 0.022 for 1%.
+        assert!((share(451) - 3.0).abs() < 0.2, "{counts:?}");
+        assert!((share(550) - 1.0).abs() < 0.15, "{counts:?}");
+        assert!((share(250) - 96.0).abs() < 0.25, "{counts:?}");
+        assert_eq!(s.decide_with(Stage::Mail, &env, &mut rng), Action::default(), "other stages are untouched");
+    }
+
+    #[test]
+    fn seeded_scenarios_repeat_their_draws() {
+        let scenario = Scenario::accept_all().rule(Rule::at(Stage::Rcpt).percent(50.0).reply("451 4.7.1 later")).seeded(42);
+        let rcpt = rcpt("a@x.test");
+        let env = Envelope { sender: None, recipients: &rcpt };
+        let run = || {
+            let s = ScenarioState::new(scenario.clone());
+            (0..64).map(|_| s.decide(Stage::Rcpt, &env).reply.is_some()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn invalid_percentages_are_refused() {
+        let over = Scenario::accept_all().rule(Rule::at(Stage::Rcpt).percent(60.0)).rule(Rule::at(Stage::Rcpt).percent(50.0));
+        assert!(over.validate().unwrap_err().contains("rules[1].percent"));
+        assert!(Scenario::accept_all().rule(Rule::at(Stage::Rcpt).percent(-1.0)).validate().is_err());
+        let other_stage = Scenario::accept_all().rule(Rule::at(Stage::Rcpt).percent(60.0)).rule(Rule::at(Stage::Mail).percent(50.0));
+        assert!(other_stage.validate().is_ok(), "percentages add up per stage");
     }
 
     #[test]
