@@ -43,8 +43,8 @@ pub fn phase_line(p: &Phase) -> String {
     if let Some(c) = p.messages_per_cpu_second() {
         s.push_str(&format!(", {} msgs per CPU-second", thousands(c)));
     }
-    if let Some(r) = p.peak_rss_mib {
-        s.push_str(&format!(", peak RSS {r:.0} MiB"));
+    if let Some(r) = p.peak_memory_mib {
+        s.push_str(&format!(", peak memory {r:.0} MiB"));
     }
     let errors: u64 = p.errors.values().sum();
     if errors > 0 {
@@ -97,7 +97,7 @@ pub fn section(r: &BenchReport) -> String {
         sizes.join(", "),
         r.concurrency
     ));
-    out.push_str("| system | spool | injection | injected msgs/s | delivered msgs/s | end-to-end p50 / p99 / max (ms) | injection p99 (ms) | msgs per CPU-second | peak RSS (MiB) |\n");
+    out.push_str("| system | spool | injection | injected msgs/s | delivered msgs/s | end-to-end p50 / p99 / max (ms) | injection p99 (ms) | msgs per CPU-second | peak memory (MiB, PSS) |\n");
     out.push_str("|---|---|---|---:|---:|---|---:|---:|---:|\n");
     for p in &r.phases {
         let e2e = p
@@ -122,7 +122,7 @@ pub fn section(r: &BenchReport) -> String {
             e2e,
             inject_p99,
             per_cpu,
-            p.peak_rss_mib.map(|x| format!("{x:.0}")).unwrap_or_else(|| "–".into()),
+            p.peak_memory_mib.map(|x| format!("{x:.0}")).unwrap_or_else(|| "–".into()),
         ));
     }
     out.push('\n');
@@ -138,6 +138,14 @@ pub fn section(r: &BenchReport) -> String {
     }
     for n in &r.notes {
         out.push_str(&format!("- {n}\n"));
+    }
+    if let Some(p) = find(r, "sluice", "local", "SMTP").filter(|p| p.delivered > 0) {
+        out.push_str(&format!(
+            "- The generator, the mock ISPs and the DNS server (one process) used {:.2} CPU-seconds per 1,000 messages \
+             during the sluice SMTP row; sluice used {:.2}.\n",
+            p.harness_cpu_seconds * 1000.0 / p.delivered as f64,
+            p.cpu_seconds.unwrap_or(0.0) * 1000.0 / p.delivered as f64,
+        ));
     }
 
     // Ratios and targets.
@@ -255,7 +263,7 @@ mod tests {
             delivered_per_s: Some(rate),
             end_to_end: Some(Percentiles { count: 1, p50_ms: 1.0, p99_ms: 5.0, max_ms: 9.0, ..Percentiles::default() }),
             cpu_seconds: cpu,
-            peak_rss_mib: cpu.map(|_| 50.0),
+            peak_memory_mib: cpu.map(|_| 50.0),
             ..Phase::default()
         }
     }

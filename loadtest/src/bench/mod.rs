@@ -147,8 +147,9 @@ pub struct Phase {
     pub cpu_seconds: Option<f64>,
     /// CPU seconds of this harness (generator, sinks, DNS) during the measured part.
     pub harness_cpu_seconds: f64,
-    /// Peak resident memory of the system under test.
-    pub peak_rss_mib: Option<f64>,
+    /// Peak memory of the system under test: the highest sampled sum of the proportional set
+    /// sizes of its processes (sampled every 200 ms).
+    pub peak_memory_mib: Option<f64>,
     pub errors: BTreeMap<String, u64>,
     pub notes: Vec<String>,
 }
@@ -191,7 +192,7 @@ struct Bench {
     phase_no: AtomicU64,
 }
 
-/// Samples the peak resident memory of a process tree until dropped.
+/// Samples the peak memory (PSS) of a process tree until dropped.
 struct RssSampler {
     peak_kb: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -203,7 +204,7 @@ impl RssSampler {
         let (p, s) = (peak_kb.clone(), stop.clone());
         tokio::task::spawn_blocking(move || {
             while !s.load(Ordering::Relaxed) {
-                p.fetch_max(procfs::tree_rss_kb(pid), Ordering::Relaxed);
+                p.fetch_max(procfs::tree_pss_kb(pid), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(200));
             }
         });
@@ -326,7 +327,7 @@ impl Bench {
         let cpu1 = pid.and_then(procfs::tree_cpu_seconds);
         let harness = procfs::self_cpu_seconds() - self0;
         let delivered = tracker.unique() - before_unique;
-        let peak_kb = rss.as_ref().map(|r| r.peak_kb()).unwrap_or(0).max(pid.and_then(procfs::peak_rss_kb).unwrap_or(0));
+        let peak_kb = rss.as_ref().map(|r| r.peak_kb()).unwrap_or(0);
         let mut notes = Vec::new();
         if !all_delivered {
             notes.push(format!("only {delivered} of {acked} acknowledged messages were delivered in time"));
@@ -343,7 +344,7 @@ impl Bench {
             inject_latency: report.latency.clone(),
             cpu_seconds: cpu0.zip(cpu1).map(|(a, b)| b - a),
             harness_cpu_seconds: harness,
-            peak_rss_mib: pid.map(|_| peak_kb as f64 / 1024.0),
+            peak_memory_mib: pid.map(|_| peak_kb as f64 / 1024.0),
             errors: report.errors.clone(),
             notes,
         };

@@ -63,20 +63,24 @@ pub fn tree_cpu_seconds(root: u32) -> Option<f64> {
     Some(ticks as f64 * tick())
 }
 
+fn field_kb(path: &str, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 fn status_kb(pid: u32, key: &str) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches("kB").trim().parse().ok())
+    field_kb(&format!("/proc/{pid}/status"), key)
 }
 
-/// Resident memory of `root` and its descendants now, in KiB.
-pub fn tree_rss_kb(root: u32) -> u64 {
+/// Memory of `root` and its descendants now, in KiB: the sum of their proportional set sizes
+/// (PSS), so pages shared between processes (Postfix's many smtp processes share most of
+/// theirs) are counted once, not once per process as a sum of RSS would.
+pub fn tree_pss_kb(root: u32) -> u64 {
     let procs = all_processes();
-    tree(root, &procs).iter().filter_map(|p| status_kb(*p, "VmRSS:")).sum()
-}
-
-/// The peak resident memory of one process since it started (VmHWM), in KiB.
-pub fn peak_rss_kb(pid: u32) -> Option<u64> {
-    status_kb(pid, "VmHWM:")
+    tree(root, &procs)
+        .iter()
+        .filter_map(|p| field_kb(&format!("/proc/{p}/smaps_rollup"), "Pss:").or_else(|| status_kb(*p, "VmRSS:")))
+        .sum()
 }
 
 /// CPU seconds of this process so far (the harness: generator, sinks, DNS).
@@ -104,8 +108,7 @@ mod tests {
         }
         assert!(x != 1);
         assert!(tree_cpu_seconds(me).is_some());
-        assert!(tree_rss_kb(me) > 0);
-        assert!(peak_rss_kb(me).unwrap() > 0);
+        assert!(tree_pss_kb(me) > 0);
         assert_eq!(tree_cpu_seconds(u32::MAX), None, "no such process");
     }
 }
