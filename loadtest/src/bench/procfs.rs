@@ -19,15 +19,21 @@ fn tick() -> f64 {
     }
 }
 
-/// `(ppid, utime + stime + cutime + cstime in ticks)` of a `/proc/<pid>/stat` line.
-fn parse_stat(stat: &str) -> Option<(u32, u64)> {
+/// `(ppid, utime + stime, cutime + cstime)` in ticks, of a `/proc/<pid>/stat` line.
+fn parse_stat_fields(stat: &str) -> Option<(u32, u64, u64)> {
     // The command name (field 2) is in parentheses and may contain spaces: split after it.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // fields[0] is field 3 (state): ppid is field 4, utime..cstime are fields 14..17.
     let ppid = fields.get(1)?.parse().ok()?;
-    let cpu: u64 = fields.get(11..15)?.iter().map(|f| f.parse::<u64>().unwrap_or(0)).sum();
-    Some((ppid, cpu))
+    let n = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    fields.get(14)?;
+    Some((ppid, n(11) + n(12), n(13) + n(14)))
+}
+
+/// `(ppid, utime + stime + cutime + cstime in ticks)` of a `/proc/<pid>/stat` line.
+fn parse_stat(stat: &str) -> Option<(u32, u64)> {
+    parse_stat_fields(stat).map(|(ppid, own, children)| (ppid, own + children))
 }
 
 fn all_processes() -> HashMap<u32, (u32, u64)> {
@@ -83,9 +89,14 @@ pub fn tree_pss_kb(root: u32) -> u64 {
         .sum()
 }
 
-/// CPU seconds of this process so far (the harness: generator, sinks, DNS).
+/// CPU seconds of this process so far (the harness: generator, sinks, DNS), without its
+/// children (the sluice under test is one of them).
 pub fn self_cpu_seconds() -> f64 {
-    tree_cpu_seconds(std::process::id()).unwrap_or(0.0)
+    fs::read_to_string("/proc/self/stat")
+        .ok()
+        .as_deref()
+        .and_then(parse_stat_fields)
+        .map_or(0.0, |(_, own, _)| own as f64 * tick())
 }
 
 #[cfg(test)]
@@ -96,6 +107,7 @@ mod tests {
     fn stat_lines_with_spaces_in_the_name_parse() {
         let line = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 150 50 7 3 20 0 4 0 123 456 789";
         assert_eq!(parse_stat(line), Some((1, 150 + 50 + 7 + 3)));
+        assert_eq!(parse_stat_fields(line), Some((1, 200, 10)));
         assert_eq!(parse_stat("garbage"), None);
     }
 
