@@ -72,7 +72,7 @@ trap cleanup EXIT
 ARGS=(--sluice "$WORK/bin/sluice" --work-dir "$WORK/run" --json "$WORK/bench.json")
 ARGS+=(--command-line "scripts/bench.sh${ORIG_ARGS:+ $ORIG_ARGS}")
 ARGS+=(--revision "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
-[ $QUICK = 1 ] && ARGS+=(--quick --messages 5000 --warmup 500)
+[ $QUICK = 1 ] && ARGS+=(--quick)
 [ $POSTFIX = 0 ] && ARGS+=(--no-postfix)
 [ $DOCS = 1 ] && ARGS+=(--markdown docs/benchmarks.md)
 if [ $CEPH = yes ]; then

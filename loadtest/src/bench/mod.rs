@@ -45,12 +45,12 @@ pub struct BenchArgs {
     /// The sluice binary to measure (a release build).
     #[arg(long, default_value = "target/release/sluice")]
     pub sluice: PathBuf,
-    /// Measured messages per phase.
-    #[arg(long, default_value_t = 50_000)]
-    pub messages: u64,
-    /// Warm-up messages per phase (delivered before measuring).
-    #[arg(long, default_value_t = 2_000)]
-    pub warmup: u64,
+    /// Measured messages per phase (default 50,000; 5,000 with --quick).
+    #[arg(long)]
+    pub messages: Option<u64>,
+    /// Warm-up messages per phase, delivered before measuring (default 2,000; 500 with --quick).
+    #[arg(long)]
+    pub warmup: Option<u64>,
     /// Injecting connections.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
@@ -69,7 +69,8 @@ pub struct BenchArgs {
     /// Leave out Postfix.
     #[arg(long)]
     pub no_postfix: bool,
-    /// Fewer phases: no open-loop phase, no bulk HTTP, no smtp-source/smtp-sink ceilings.
+    /// Fewer messages and phases: no open-loop phase, no bulk HTTP, no smtp-source/smtp-sink
+    /// ceilings.
     #[arg(long)]
     pub quick: bool,
     /// Keep the run's files (configs, logs, spools) here instead of a removed temp directory.
@@ -238,6 +239,16 @@ impl Inject {
     }
 }
 
+impl BenchArgs {
+    fn messages(&self) -> u64 {
+        self.messages.unwrap_or(if self.quick { 5_000 } else { 50_000 })
+    }
+
+    fn warmup(&self) -> u64 {
+        self.warmup.unwrap_or(if self.quick { 500 } else { 2_000 })
+    }
+}
+
 impl Bench {
     fn workload(&self) -> Workload {
         Workload {
@@ -299,20 +310,20 @@ impl Bench {
         };
         eprintln!("== {system} · {spool} · {label}");
         let tracker = self.fleet.tracker().clone();
-        if self.args.warmup > 0 {
+        if self.args.warmup() > 0 {
             let base = tracker.unique();
-            let warm = gen::run(self.gen_config(&inject, Pace::Closed, Stop::Count(self.args.warmup)), self.cancel.clone()).await?;
+            let warm = gen::run(self.gen_config(&inject, Pace::Closed, Stop::Count(self.args.warmup())), self.cancel.clone()).await?;
             if warm.messages.acknowledged == 0 {
                 bail!("{system}: no message of the warm-up was accepted ({:?})", warm.errors);
             }
             // The warm-up's mail drains before measuring starts (its ids are new, so the
             // unique count rises by exactly what was acknowledged).
-            self.wait_delivered(base + warm.messages.acknowledged, self.args.warmup).await;
+            self.wait_delivered(base + warm.messages.acknowledged, self.args.warmup()).await;
         }
         let stop = match pace {
-            Pace::Closed => Stop::Count(self.args.messages),
+            Pace::Closed => Stop::Count(self.args.messages()),
             // Ten seconds at the rate, at most the phase's message count.
-            Pace::Open { rate } => Stop::Count(((rate * 10.0) as u64).clamp(1, self.args.messages)),
+            Pace::Open { rate } => Stop::Count(((rate * 10.0) as u64).clamp(1, self.args.messages())),
         };
         let before_unique = tracker.unique();
         tracker.take_latency();
@@ -389,7 +400,7 @@ impl Bench {
         let self0 = procfs::self_cpu_seconds();
         let t0 = Instant::now();
         let status = tokio::process::Command::new("/usr/sbin/smtp-source")
-            .args(["-d", "-s", &self.args.concurrency.to_string(), "-m", &self.args.messages.to_string()])
+            .args(["-d", "-s", &self.args.concurrency.to_string(), "-m", &self.args.messages().to_string()])
             .args(["-l", &size.to_string(), "-f", "load@gen.load.test", "-t", "user@gmail.load.test"])
             .arg(sink.addr().to_string())
             .stdout(Stdio::null())
@@ -442,7 +453,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let self0 = procfs::self_cpu_seconds();
-        let report = gen::run(self.gen_config(&Inject::Smtp(addr), Pace::Closed, Stop::Count(self.args.messages)), self.cancel.clone()).await;
+        let report = gen::run(self.gen_config(&Inject::Smtp(addr), Pace::Closed, Stop::Count(self.args.messages())), self.cancel.clone()).await;
         let _ = child.kill().await;
         let report = report?;
         let phase = Phase {
@@ -522,8 +533,8 @@ pub async fn run(args: BenchArgs, cancel: CancellationToken) -> Result<()> {
         command: args.command_line.clone(),
         revision: args.revision.clone(),
         machine,
-        messages_per_phase: args.messages,
-        warmup_per_phase: args.warmup,
+        messages_per_phase: args.messages(),
+        warmup_per_phase: args.warmup(),
         concurrency: args.concurrency,
         sizes: args.size.0.shares().map(|(s, w)| (*s, w)).collect(),
         personalizations: args.personalizations,

@@ -158,7 +158,7 @@ impl Shared {
             "sink accepted a message"
         );
         let rcpts = msg.rcpt_to.len() as u64;
-        let seen = self.tracker.observe(&msg.data);
+        let seen = self.tracker.observe_quietly(&msg.data);
         if self.config.record_messages {
             self.messages.lock().expect("sink lock").push(msg);
         }
@@ -167,6 +167,7 @@ impl Shared {
             s.recipients += rcpts;
             s.duplicates += u64::from(seen.duplicate);
         });
+        self.tracker.notify_changed();
     }
 }
 

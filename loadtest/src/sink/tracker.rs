@@ -117,8 +117,17 @@ impl Tracker {
         self
     }
 
-    /// Takes note of one accepted message (the data as received, dot-unstuffed).
+    /// Takes note of one accepted message (the data as received, dot-unstuffed) and wakes
+    /// the waiters.
     pub fn observe(&self, data: &Bytes) -> Observation {
+        let seen = self.observe_quietly(data);
+        self.changed.notify_waiters();
+        seen
+    }
+
+    /// [`observe`](Self::observe) without waking the waiters: a sink first updates its own
+    /// counters, so that whoever waits on the tracker finds them up to date.
+    pub(crate) fn observe_quietly(&self, data: &Bytes) -> Observation {
         let stamp = stamp::scan(data);
         let now = stamp::now_micros();
         let duplicate = {
@@ -152,8 +161,11 @@ impl Tracker {
         if let Some(dkim) = &self.dkim {
             dkim.maybe_verify(data);
         }
-        self.changed.notify_waiters();
         Observation { duplicate }
+    }
+
+    pub(crate) fn notify_changed(&self) {
+        self.changed.notify_waiters();
     }
 
     pub fn report(&self) -> TrackerReport {
