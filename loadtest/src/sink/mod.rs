@@ -2,13 +2,20 @@
 //! delivers to in tests and load runs.
 //!
 //! It speaks ESMTP with PIPELINING, optional STARTTLS (self-signed), SIZE, 8BITMIME and
-//! SMTPUTF8, answers according to a [`Scenario`], and records every accepted message (the
+//! SMTPUTF8, answers according to a [`Scenario`] after a per-stage [`Latency`], enforces
+//! per-client-IP [`Limits`] with 421 replies, and records every accepted message (the
 //! envelope, the raw data, the connection it came over and whether that was TLS) plus
-//! counters per stage.
+//! counters per stage. A [`Tracker`] follows the Message-IDs (duplicates, a ledger),
+//! end-to-end latency and DKIM of what arrives; a [`Fleet`] runs several providers, each
+//! described by a [`Profile`] file, sharing one tracker.
 
+mod fleet;
+mod limits;
+mod profile;
 mod scenario;
 mod session;
 mod tls;
+mod tracker;
 
 use std::collections::HashMap;
 use std::io;
@@ -24,9 +31,14 @@ use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-pub use scenario::{Action, Envelope, Match, ReplySpec, Rule, Scenario, Stage};
+pub use fleet::{Fleet, FleetConfig, FleetError, FleetOptions, FleetReport, ProviderConfig, ProviderReport, ReplyClasses};
+pub use limits::{Limits, Rate};
+use limits::Limiter;
+pub use profile::{Profile, ProfileError};
+pub use scenario::{Action, Envelope, Latency, Match, ReplySpec, Rule, Scenario, Stage};
 use scenario::ScenarioState;
 pub use tls::TlsSetupError;
+pub use tracker::{DkimCounts, DkimSampler, Observation, Tracker, TrackerReport};
 
 /// How the sink presents itself.
 #[derive(Clone, Debug)]
@@ -42,6 +54,13 @@ pub struct SinkConfig {
     /// Keep accepted messages in memory (turn off for long load runs; counters still count).
     pub record_messages: bool,
     pub scenario: Scenario,
+    /// How long each reply takes.
+    pub latency: Latency,
+    /// Per-client-IP limits, enforced with 421.
+    pub limits: Limits,
+    /// Where accepted messages are tracked; a sink makes its own when `None`. Sinks of one
+    /// fleet share one, so a message delivered twice to different providers is a duplicate.
+    pub tracker: Option<Arc<Tracker>>,
 }
 
 impl Default for SinkConfig {
@@ -53,6 +72,9 @@ impl Default for SinkConfig {
             max_message_bytes: 50 << 20,
             record_messages: true,
             scenario: Scenario::standard(),
+            latency: Latency::default(),
+            limits: Limits::default(),
+            tracker: None,
         }
     }
 }
@@ -82,6 +104,10 @@ pub struct SinkStats {
     pub messages: u64,
     /// Recipients of accepted messages.
     pub recipients: u64,
+    /// Accepted messages whose Message-ID had arrived before.
+    pub duplicates: u64,
+    /// Connections and messages refused by the [`Limits`].
+    pub limited: u64,
     /// Commands received, per stage (`connect` counts connections that got this far).
     pub commands: HashMap<Stage, u64>,
     /// Replies sent, per stage and code.
@@ -103,6 +129,8 @@ impl SinkStats {
 pub(crate) struct Shared {
     config: SinkConfig,
     scenario: Mutex<Arc<ScenarioState>>,
+    limiter: Limiter,
+    tracker: Arc<Tracker>,
     tls: Option<TlsAcceptor>,
     messages: Mutex<Vec<ReceivedMessage>>,
     stats: Mutex<SinkStats>,
@@ -130,13 +158,16 @@ impl Shared {
             "sink accepted a message"
         );
         let rcpts = msg.rcpt_to.len() as u64;
+        let seen = self.tracker.observe_quietly(&msg.data);
         if self.config.record_messages {
             self.messages.lock().expect("sink lock").push(msg);
         }
         self.count(|s| {
             s.messages += 1;
             s.recipients += rcpts;
+            s.duplicates += u64::from(seen.duplicate);
         });
+        self.tracker.notify_changed();
     }
 }
 
@@ -154,6 +185,8 @@ pub enum SinkError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Tls(#[from] TlsSetupError),
+    #[error("invalid sink configuration: {0}")]
+    Config(String),
 }
 
 impl Sink {
@@ -163,6 +196,8 @@ impl Sink {
     }
 
     pub async fn bind(addr: SocketAddr, config: SinkConfig) -> Result<Sink, SinkError> {
+        config.scenario.validate().map_err(SinkError::Config)?;
+        config.limits.validate().map_err(|e| SinkError::Config(format!("limits.{e}")))?;
         let (tls, certificate) = if config.starttls {
             let (acceptor, cert) = tls::self_signed_acceptor(&config.hostname)?;
             (Some(acceptor), Some(cert))
@@ -173,6 +208,8 @@ impl Sink {
         let addr = listener.local_addr().map_err(|source| SinkError::Bind { addr, source })?;
         let shared = Arc::new(Shared {
             scenario: Mutex::new(Arc::new(ScenarioState::new(config.scenario.clone()))),
+            limiter: Limiter::new(config.limits.clone()),
+            tracker: config.tracker.clone().unwrap_or_default(),
             config,
             tls,
             messages: Mutex::new(Vec::new()),
@@ -206,6 +243,15 @@ impl Sink {
 
     pub fn stats(&self) -> SinkStats {
         self.shared.stats.lock().expect("sink lock").clone()
+    }
+
+    /// Where this sink's accepted messages are tracked (shared with its fleet).
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.shared.tracker
+    }
+
+    pub fn hostname(&self) -> &str {
+        &self.shared.config.hostname
     }
 
     /// Waits until `done(stats)` holds or `timeout` passes; returns whether it holds.

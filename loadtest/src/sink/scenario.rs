@@ -1,8 +1,9 @@
 //! What the sink answers: an ordered list of rules, each saying at which SMTP stage and for
 //! which envelope it applies, and what to do there (a reply, a delay, hanging up).
 //!
-//! A scenario is plain data (`Deserialize`), so a mock ISP can later be described in a file;
-//! new kinds of conditions (e.g. a rate or a probability) are new fields of [`Rule`].
+//! A scenario is plain data (`Deserialize`), so a mock ISP is described in a file (see
+//! [`super::profile`]). A rule can apply to a percentage of the envelopes it matches: that is
+//! how a provider defers 3% and bounces 1% of its mail.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -83,8 +84,46 @@ impl fmt::Display for ReplySpec {
     }
 }
 
-/// Which envelopes a rule applies to.
+/// How long the sink takes to answer at each stage (before the reply; a rule's `delay` adds
+/// to it). Real MX hosts take milliseconds at connect and after DATA, less elsewhere.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Latency {
+    /// Before the banner.
+    #[serde(with = "humantime_serde")]
+    pub connect: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub ehlo: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub starttls: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub mail: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub rcpt: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub data: Option<Duration>,
+    /// After the final dot: where real providers spend their time (filtering, storing).
+    #[serde(with = "humantime_serde")]
+    pub end_of_data: Option<Duration>,
+}
+
+impl Latency {
+    pub fn at(&self, stage: Stage) -> Option<Duration> {
+        match stage {
+            Stage::Connect => self.connect,
+            Stage::Ehlo => self.ehlo,
+            Stage::StartTls => self.starttls,
+            Stage::Mail => self.mail,
+            Stage::Rcpt => self.rcpt,
+            Stage::Data => self.data,
+            Stage::EndOfData => self.end_of_data,
+        }
+        .filter(|d| !d.is_zero())
+    }
+}
+
+/// Which envelopes a rule applies to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Match {
     /// Every envelope, at every stage.
@@ -144,13 +183,19 @@ pub struct Rule {
     /// Close the connection (after `delay`) without replying.
     #[serde(default)]
     pub disconnect: bool,
+    /// Apply to this percentage (0–100) of the matching envelopes, chosen at random. The
+    /// percentage rules that match at one stage share one random draw and take consecutive
+    /// slices of it, so `defer 3%` followed by `bounce 1%` gives exactly 3% and 1%, not 1%
+    /// of the remaining 97%.
+    #[serde(default)]
+    pub percent: Option<f64>,
 }
 
 impl Rule {
     /// A rule at `stage` for every envelope that changes nothing yet; refine it with the
     /// builder methods.
     pub fn at(stage: Stage) -> Rule {
-        Rule { stage, when: Match::Any, reply: None, delay: None, times: None, disconnect: false }
+        Rule { stage, when: Match::Any, reply: None, delay: None, times: None, disconnect: false, percent: None }
     }
 
     pub fn when(mut self, m: Match) -> Rule {
@@ -178,6 +223,29 @@ impl Rule {
         self.disconnect = true;
         self
     }
+
+    pub fn percent(mut self, percent: f64) -> Rule {
+        self.percent = Some(percent);
+        self
+    }
+
+    /// `"rules[i].field: reason"`-style problems: a reply that is not a failure where the
+    /// stage needs one, a percentage outside 0–100.
+    fn validate(&self) -> Result<(), String> {
+        if let Some(p) = self.percent {
+            if !(0.0..=100.0).contains(&p) || p.is_nan() {
+                return Err(format!("percent: {p} is not between 0 and 100"));
+            }
+        }
+        if self.stage == Stage::Data {
+            if let Some(r) = &self.reply {
+                if r.code != 354 && r.is_positive() {
+                    return Err(format!("reply: {} at data must be 354 or a failure", r.code));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the sink does at one stage.
@@ -195,6 +263,11 @@ pub struct Action {
 pub struct Scenario {
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Seeds the random choices of `percent` rules, so that a run makes the same number of
+    /// hits for the same number of decisions (which connection gets which draw still
+    /// depends on timing). Unseeded by default.
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 impl Default for Scenario {
@@ -206,7 +279,7 @@ impl Default for Scenario {
 impl Scenario {
     /// Accepts everything.
     pub fn accept_all() -> Scenario {
-        Scenario { rules: Vec::new() }
+        Scenario { rules: Vec::new(), seed: None }
     }
 
     /// Recipients whose local part starts with `bounce` are rejected with `550 5.1.1`, with
@@ -227,10 +300,37 @@ impl Scenario {
         self
     }
 
+    /// Makes the percentage draws repeatable.
+    pub fn seeded(mut self, seed: u64) -> Scenario {
+        self.seed = Some(seed);
+        self
+    }
+
     /// Puts a rule before the existing ones.
     pub fn first(mut self, rule: Rule) -> Scenario {
         self.rules.insert(0, rule);
         self
+    }
+
+    /// Checks every rule; the error names the rule (`rules[2].percent: ...`).
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, rule) in self.rules.iter().enumerate() {
+            rule.validate().map_err(|e| format!("rules[{i}].{e}"))?;
+        }
+        let mut per_stage: HashMap<(Stage, &Match), f64> = HashMap::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let Some(p) = rule.percent {
+                let total = per_stage.entry((rule.stage, &rule.when)).or_insert(0.0);
+                *total += p;
+                if *total > 100.0 + 1e-9 {
+                    return Err(format!(
+                        "rules[{i}].percent: the percentages at {} add up to {total}, more than 100",
+                        rule.stage.as_str()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -238,18 +338,40 @@ impl Scenario {
 pub(crate) struct ScenarioState {
     pub scenario: Scenario,
     hits: Mutex<HashMap<(usize, String), u32>>,
+    seeded: Option<Mutex<rand::rngs::StdRng>>,
 }
 
 impl ScenarioState {
     pub fn new(scenario: Scenario) -> Self {
-        ScenarioState { scenario, hits: Mutex::new(HashMap::new()) }
+        use rand::SeedableRng;
+        let seeded = scenario.seed.map(|s| Mutex::new(rand::rngs::StdRng::seed_from_u64(s)));
+        ScenarioState { scenario, hits: Mutex::new(HashMap::new()), seeded }
     }
 
     /// The action of the first matching rule at `stage` (the default action if none).
     pub fn decide(&self, stage: Stage, env: &Envelope<'_>) -> Action {
+        match &self.seeded {
+            Some(rng) => self.decide_with(stage, env, &mut *rng.lock().expect("scenario lock")),
+            None => self.decide_with(stage, env, &mut rand::rng()),
+        }
+    }
+
+    /// [`decide`](Self::decide) with a given source of randomness (tests use a seeded one).
+    pub fn decide_with(&self, stage: Stage, env: &Envelope<'_>, rng: &mut impl rand::Rng) -> Action {
+        // One draw per decision; percentage rules take consecutive slices of it.
+        let mut draw: Option<f64> = None;
+        let mut slice_start = 0.0;
         for (i, rule) in self.scenario.rules.iter().enumerate() {
             if rule.stage != stage || !rule.when.matches(env) {
                 continue;
+            }
+            if let Some(p) = rule.percent {
+                let u = *draw.get_or_insert_with(|| rng.random_range(0.0..100.0));
+                let hit = u >= slice_start && u < slice_start + p;
+                slice_start += p;
+                if !hit {
+                    continue;
+                }
             }
             if let Some(limit) = rule.times {
                 let key = match stage {
@@ -312,6 +434,53 @@ mod tests {
         let code = |r: &[String]| s.decide(Stage::Rcpt, &Envelope { sender: None, recipients: r }).reply.map(|r| r.code);
         assert_eq!([code(&a), code(&a), code(&a)], [Some(451), Some(451), None]);
         assert_eq!(code(&b), Some(451), "counted per recipient");
+    }
+
+    #[test]
+    fn percentages_are_disjoint_slices_of_one_draw() {
+        use rand::SeedableRng;
+        let s = ScenarioState::new(
+            Scenario::accept_all()
+                .rule(Rule::at(Stage::Rcpt).percent(3.0).reply("451 4.7.1 later"))
+                .rule(Rule::at(Stage::Rcpt).percent(1.0).reply("550 5.1.1 unknown"))
+                .rule(Rule::at(Stage::Rcpt).when(Match::Domain("never.test".into())).reply("550 5.7.1 no")),
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let rcpt = rcpt("a@x.test");
+        let env = Envelope { sender: None, recipients: &rcpt };
+        let n = 200_000;
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            let code = s.decide_with(Stage::Rcpt, &env, &mut rng).reply.map(|r| r.code).unwrap_or(250);
+            *counts.entry(code).or_insert(0u32) += 1;
+        }
+        let share = |code| counts.get(&code).copied().unwrap_or(0) as f64 * 100.0 / n as f64;
+        // Binomial standard deviations at n = 200,000: 0.038 points for 3%, 0.022 for 1%.
+        assert!((share(451) - 3.0).abs() < 0.2, "{counts:?}");
+        assert!((share(550) - 1.0).abs() < 0.15, "{counts:?}");
+        assert!((share(250) - 96.0).abs() < 0.25, "{counts:?}");
+        assert_eq!(s.decide_with(Stage::Mail, &env, &mut rng), Action::default(), "other stages are untouched");
+    }
+
+    #[test]
+    fn seeded_scenarios_repeat_their_draws() {
+        let scenario = Scenario::accept_all().rule(Rule::at(Stage::Rcpt).percent(50.0).reply("451 4.7.1 later")).seeded(42);
+        let rcpt = rcpt("a@x.test");
+        let env = Envelope { sender: None, recipients: &rcpt };
+        let run = || {
+            let s = ScenarioState::new(scenario.clone());
+            (0..64).map(|_| s.decide(Stage::Rcpt, &env).reply.is_some()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn invalid_percentages_are_refused() {
+        let over = Scenario::accept_all().rule(Rule::at(Stage::Rcpt).percent(60.0)).rule(Rule::at(Stage::Rcpt).percent(50.0));
+        assert!(over.validate().unwrap_err().contains("rules[1].percent"));
+        assert!(Scenario::accept_all().rule(Rule::at(Stage::Rcpt).percent(-1.0)).validate().is_err());
+        let other_stage = Scenario::accept_all().rule(Rule::at(Stage::Rcpt).percent(60.0)).rule(Rule::at(Stage::Mail).percent(50.0));
+        assert!(other_stage.validate().is_ok(), "percentages add up per stage");
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! One SMTP connection to the sink: the server side of RFC 5321 with PIPELINING (RFC 2920)
 //! and STARTTLS (RFC 3207), commands parsed by smtp-proto.
+//!
+//! Replies are collected and written when the client's pipelined commands are used up (or
+//! before the sink waits), so a pipelined MAIL/RCPT/DATA group is answered with one write,
+//! as a production server does.
 
 use std::io;
 use std::net::SocketAddr;
@@ -49,13 +53,30 @@ struct Session {
     tls: bool,
     helo: Option<String>,
     txn: Option<Transaction>,
+    /// MAIL commands on this connection so far (for the per-connection limit).
+    mails: u32,
     delivered: u64,
+    /// Replies not yet written.
+    out: Vec<u8>,
 }
 
 pub(crate) async fn serve(mut tcp: TcpStream, peer: SocketAddr, id: u64, shared: Arc<Shared>) -> io::Result<()> {
-    let mut s = Session { id, peer, shared, tls: false, helo: None, txn: None, delivered: 0 };
+    let _ = tcp.set_nodelay(true);
+    let mut s = Session { id, peer, shared, tls: false, helo: None, txn: None, mails: 0, delivered: 0, out: Vec::new() };
+    // Held until the connection ends: it counts toward the IP's open connections.
+    let _slot = match s.shared.limiter.admit_connection(peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let refusal = refusal.clone();
+            s.refuse(Stage::Connect, &refusal);
+            flush(&mut tcp, &mut s.out).await?;
+            return Ok(());
+        }
+    };
     let banner = ReplySpec::new(220, format!("{} ESMTP sluice-load sink", s.shared.config.hostname));
-    match respond(&s.shared, &mut tcp, Stage::Connect, &Envelope::default(), banner).await? {
+    let sent = respond(&s.shared, &mut s.out, &mut tcp, Stage::Connect, &Envelope::default(), banner).await?;
+    flush(&mut tcp, &mut s.out).await?;
+    match sent {
         Some(r) if r.is_positive() => {}
         _ => return Ok(()),
     }
@@ -73,36 +94,54 @@ pub(crate) async fn serve(mut tcp: TcpStream, peer: SocketAddr, id: u64, shared:
     Ok(())
 }
 
-/// Decides the reply at `stage` from the scenario, waits its delay and sends it. Returns
-/// the reply sent, or `None` when the scenario hangs up.
+/// Decides the reply at `stage` from the scenario, waits the stage's latency and the rule's
+/// delay, and queues the reply in `out`. Returns the reply, or `None` when the scenario
+/// hangs up.
 async fn respond<S: AsyncWrite + Unpin>(
     shared: &Shared,
+    out: &mut Vec<u8>,
     stream: &mut S,
     stage: Stage,
     env: &Envelope<'_>,
     normal: ReplySpec,
 ) -> io::Result<Option<ReplySpec>> {
     let action = shared.scenario().decide(stage, env);
-    if let Some(d) = action.delay {
+    let wait = match (shared.config.latency.at(stage), action.delay) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    };
+    if let Some(d) = wait {
+        // What was answered before the wait reaches the client before it.
+        flush(stream, out).await?;
         tokio::time::sleep(d).await;
     }
     if action.disconnect {
+        // Earlier replies of the pipeline were due before this one; then hang up.
+        flush(stream, out).await?;
         return Ok(None);
     }
     let reply = action.reply.unwrap_or(normal);
-    write_reply(stream, &reply).await?;
+    queue(out, &reply);
     shared.count(|s| *s.replies.entry((stage, reply.code)).or_insert(0) += 1);
     Ok(Some(reply))
 }
 
-async fn write_reply<S: AsyncWrite + Unpin>(stream: &mut S, reply: &ReplySpec) -> io::Result<()> {
-    let wire = reply.to_wire();
+fn queue(out: &mut Vec<u8>, reply: &ReplySpec) {
+    out.extend_from_slice(reply.to_wire().as_bytes());
+}
+
+async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
     tokio::time::timeout(IO_TIMEOUT, async {
-        stream.write_all(wire.as_bytes()).await?;
+        stream.write_all(out).await?;
         stream.flush().await
     })
     .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "reply write timed out"))?
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "reply write timed out"))??;
+    out.clear();
+    Ok(())
 }
 
 fn reply(code: u16, text: &str) -> ReplySpec {
@@ -125,12 +164,15 @@ impl Session {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<End> {
         let mut receiver = RequestReceiver::default();
         let mut data: Option<(DataReceiver, Vec<u8>, bool)> = None;
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
+            // Everything the client pipelined is answered: send the replies before waiting.
+            flush(stream, &mut self.out).await?;
             let n = match tokio::time::timeout(CLIENT_IDLE, stream.read(&mut buf)).await {
                 Ok(r) => r?,
                 Err(_) => {
-                    write_reply(stream, &reply(421, "4.4.2 Idle timeout, closing connection")).await?;
+                    queue(&mut self.out, &reply(421, "4.4.2 Idle timeout, closing connection"));
+                    flush(stream, &mut self.out).await?;
                     return Ok(End::Closed);
                 }
             };
@@ -150,6 +192,7 @@ impl Session {
                     }
                     let (_, body, too_big) = data.take().expect("in data mode");
                     if let Flow::Close = self.end_of_data(stream, body, too_big).await? {
+                        flush(stream, &mut self.out).await?;
                         return Ok(End::Closed);
                     }
                     continue;
@@ -158,15 +201,21 @@ impl Session {
                     Ok(r) => r.into_owned(),
                     Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
                     Err(e) => {
-                        write_reply(stream, &reply(500, &format!("5.5.2 Syntax error: {e:?}"))).await?;
+                        queue(&mut self.out, &reply(500, &format!("5.5.2 Syntax error: {e:?}")));
                         continue;
                     }
                 };
                 match self.command(stream, request).await? {
                     Flow::Continue => {}
                     Flow::Data => data = Some((data_receiver(), Vec::new(), false)),
-                    Flow::Close => return Ok(End::Closed),
-                    Flow::StartTls => return Ok(End::StartTls),
+                    Flow::Close => {
+                        flush(stream, &mut self.out).await?;
+                        return Ok(End::Closed);
+                    }
+                    Flow::StartTls => {
+                        flush(stream, &mut self.out).await?;
+                        return Ok(End::StartTls);
+                    }
                 }
             }
         }
@@ -192,22 +241,23 @@ impl Session {
         self.shared.count(|s| *s.commands.entry(stage).or_insert(0) += 1);
     }
 
-    /// Sends `normal` unless the scenario says otherwise; maps the outcome to a flow.
-    async fn answer<S: AsyncWrite + Unpin>(
-        &self,
-        stream: &mut S,
-        stage: Stage,
-        env: &Envelope<'_>,
-        normal: ReplySpec,
-    ) -> io::Result<Option<ReplySpec>> {
-        respond(&self.shared, stream, stage, env, normal).await
+    /// Queues a refusal by the limits and counts it.
+    fn refuse(&mut self, stage: Stage, refusal: &ReplySpec) {
+        queue(&mut self.out, refusal);
+        self.shared.count(|s| {
+            s.limited += 1;
+            *s.replies.entry((stage, refusal.code)).or_insert(0) += 1;
+        });
     }
 
     async fn command<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, request: Request<String>) -> io::Result<Flow> {
         let shared = self.shared.clone();
         let max_bytes = shared.config.max_message_bytes;
         match request {
-            Request::Ehlo { host } | Request::Lhlo { host } => self.greet(stream, host, self.ehlo_reply()).await,
+            Request::Ehlo { host } | Request::Lhlo { host } => {
+                let normal = self.ehlo_reply();
+                self.greet(stream, host, normal).await
+            }
             Request::Helo { host } => {
                 let normal = reply(250, &shared.config.hostname);
                 self.greet(stream, host, normal).await
@@ -215,10 +265,11 @@ impl Session {
             Request::StartTls => {
                 self.count_command(Stage::StartTls);
                 if self.tls || shared.tls.is_none() {
-                    write_reply(stream, &reply(502, "5.5.1 STARTTLS not available")).await?;
+                    queue(&mut self.out, &reply(502, "5.5.1 STARTTLS not available"));
                     return Ok(Flow::Continue);
                 }
-                let sent = self.answer(stream, Stage::StartTls, &Envelope::default(), reply(220, "2.0.0 Ready to start TLS")).await?;
+                let normal = reply(220, "2.0.0 Ready to start TLS");
+                let sent = respond(&shared, &mut self.out, stream, Stage::StartTls, &Envelope::default(), normal).await?;
                 Ok(match sent {
                     None => Flow::Close,
                     Some(r) if r.is_positive() => Flow::StartTls,
@@ -228,19 +279,25 @@ impl Session {
             Request::Mail { from } => {
                 self.count_command(Stage::Mail);
                 if self.helo.is_none() {
-                    write_reply(stream, &reply(503, "5.5.1 Send EHLO first")).await?;
+                    queue(&mut self.out, &reply(503, "5.5.1 Send EHLO first"));
                     return Ok(Flow::Continue);
                 }
                 if self.txn.is_some() {
-                    write_reply(stream, &reply(503, "5.5.1 Nested MAIL command")).await?;
+                    queue(&mut self.out, &reply(503, "5.5.1 Nested MAIL command"));
                     return Ok(Flow::Continue);
                 }
                 if from.size > max_bytes {
-                    write_reply(stream, &reply(552, "5.3.4 Message size exceeds fixed maximum message size")).await?;
+                    queue(&mut self.out, &reply(552, "5.3.4 Message size exceeds fixed maximum message size"));
                     return Ok(Flow::Continue);
                 }
+                self.mails += 1;
+                if let Err(refusal) = shared.limiter.admit_message(self.peer.ip(), self.mails) {
+                    let refusal = refusal.clone();
+                    self.refuse(Stage::Mail, &refusal);
+                    return Ok(closes(&refusal));
+                }
                 let env = Envelope { sender: Some(&from.address), recipients: &[] };
-                let sent = self.answer(stream, Stage::Mail, &env, reply(250, "2.1.0 Ok")).await?;
+                let sent = respond(&shared, &mut self.out, stream, Stage::Mail, &env, reply(250, "2.1.0 Ok")).await?;
                 Ok(match sent {
                     None => Flow::Close,
                     Some(r) if r.is_positive() => {
@@ -252,18 +309,18 @@ impl Session {
             }
             Request::Rcpt { to } => {
                 self.count_command(Stage::Rcpt);
-                let Some(txn) = &self.txn else {
-                    write_reply(stream, &reply(503, "5.5.1 Need MAIL before RCPT")).await?;
+                let Some(txn) = &mut self.txn else {
+                    queue(&mut self.out, &reply(503, "5.5.1 Need MAIL before RCPT"));
                     return Ok(Flow::Continue);
                 };
                 let rcpt = [to.address];
                 let env = Envelope { sender: Some(&txn.mail_from), recipients: &rcpt };
-                let sent = self.answer(stream, Stage::Rcpt, &env, reply(250, "2.1.5 Ok")).await?;
+                let sent = respond(&shared, &mut self.out, stream, Stage::Rcpt, &env, reply(250, "2.1.5 Ok")).await?;
                 let [address] = rcpt;
                 Ok(match sent {
                     None => Flow::Close,
                     Some(r) if r.is_positive() => {
-                        self.txn.as_mut().expect("transaction checked above").rcpt_to.push(address);
+                        txn.rcpt_to.push(address);
                         Flow::Continue
                     }
                     Some(r) => closes(&r),
@@ -272,16 +329,17 @@ impl Session {
             Request::Data => {
                 self.count_command(Stage::Data);
                 let Some(txn) = &self.txn else {
-                    write_reply(stream, &reply(503, "5.5.1 Need MAIL before DATA")).await?;
+                    queue(&mut self.out, &reply(503, "5.5.1 Need MAIL before DATA"));
                     return Ok(Flow::Continue);
                 };
                 if txn.rcpt_to.is_empty() {
                     // RFC 2920: with pipelining, DATA after only failed RCPTs must be refused.
-                    write_reply(stream, &reply(554, "5.5.1 No valid recipients")).await?;
+                    queue(&mut self.out, &reply(554, "5.5.1 No valid recipients"));
                     return Ok(Flow::Continue);
                 }
                 let env = Envelope { sender: Some(&txn.mail_from), recipients: &txn.rcpt_to };
-                let sent = self.answer(stream, Stage::Data, &env, reply(354, "End data with <CR><LF>.<CR><LF>")).await?;
+                let normal = reply(354, "End data with <CR><LF>.<CR><LF>");
+                let sent = respond(&shared, &mut self.out, stream, Stage::Data, &env, normal).await?;
                 Ok(match sent {
                     None => Flow::Close,
                     Some(r) if r.code == 354 => Flow::Data,
@@ -293,19 +351,19 @@ impl Session {
             }
             Request::Rset => {
                 self.txn = None;
-                write_reply(stream, &reply(250, "2.0.0 Ok")).await?;
+                queue(&mut self.out, &reply(250, "2.0.0 Ok"));
                 Ok(Flow::Continue)
             }
             Request::Noop { .. } => {
-                write_reply(stream, &reply(250, "2.0.0 Ok")).await?;
+                queue(&mut self.out, &reply(250, "2.0.0 Ok"));
                 Ok(Flow::Continue)
             }
             Request::Quit => {
-                write_reply(stream, &reply(221, "2.0.0 Bye")).await?;
+                queue(&mut self.out, &reply(221, "2.0.0 Bye"));
                 Ok(Flow::Close)
             }
             _ => {
-                write_reply(stream, &reply(502, "5.5.1 Command not implemented")).await?;
+                queue(&mut self.out, &reply(502, "5.5.1 Command not implemented"));
                 Ok(Flow::Continue)
             }
         }
@@ -315,7 +373,7 @@ impl Session {
     async fn greet<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, host: String, normal: ReplySpec) -> io::Result<Flow> {
         self.count_command(Stage::Ehlo);
         self.txn = None;
-        let sent = self.answer(stream, Stage::Ehlo, &Envelope::default(), normal).await?;
+        let sent = respond(&self.shared, &mut self.out, stream, Stage::Ehlo, &Envelope::default(), normal).await?;
         Ok(match sent {
             None => Flow::Close,
             Some(r) if r.is_positive() => {
@@ -329,13 +387,13 @@ impl Session {
     async fn end_of_data<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, body: Vec<u8>, too_big: bool) -> io::Result<Flow> {
         let txn = self.txn.take().expect("data mode needs a transaction");
         if too_big {
-            write_reply(stream, &reply(552, "5.3.4 Message size exceeds fixed maximum message size")).await?;
+            queue(&mut self.out, &reply(552, "5.3.4 Message size exceeds fixed maximum message size"));
             return Ok(Flow::Continue);
         }
         self.delivered += 1;
         let queued = reply(250, &format!("2.0.0 Ok: queued as {}.{}", self.id, self.delivered));
         let env = Envelope { sender: Some(&txn.mail_from), recipients: &txn.rcpt_to };
-        let sent = self.answer(stream, Stage::EndOfData, &env, queued).await?;
+        let sent = respond(&self.shared, &mut self.out, stream, Stage::EndOfData, &env, queued).await?;
         Ok(match sent {
             None => Flow::Close,
             Some(r) if r.is_positive() => {
