@@ -4,7 +4,8 @@
 //!   cargo run --release -p sluice-spool --features rados --example spool_bench -- rados --conf C --pool P
 //!
 //! Options: --messages N (20000), --concurrency C (64 enqueuers), --batch B (messages per
-//! enqueue, 1), --body BYTES (4096), --lease-batch L (256). Prints one JSON line of results.
+//! enqueue, 1), --body BYTES (4096), --lease-batch L (256), --enqueue-only (stop after
+//! enqueueing and report the RSS with everything queued), --keep (reuse --dir's contents). Prints one JSON line of results.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +13,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sluice_spool::conformance::message;
 use sluice_spool::{LeaseRequest, LocalSpool, LocalSpoolOptions, Spool};
+
+/// Resident set size of this process, MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+    kb / 1024.0
+}
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
@@ -30,7 +38,9 @@ async fn main() {
     let spool: Arc<dyn Spool> = match backend.as_str() {
         "local" => {
             let dir = arg(&args, "--dir", "/tmp/sluice-spool-bench");
-            let _ = std::fs::remove_dir_all(&dir);
+            if !args.iter().any(|a| a == "--keep") {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
             Arc::new(LocalSpool::open(LocalSpoolOptions::new(&dir)).unwrap())
         }
         #[cfg(feature = "rados")]
@@ -68,6 +78,15 @@ async fn main() {
     }
     let enq = started.elapsed();
     let total = per_task * concurrency * batch;
+    let rss_queued_mib = rss_mib();
+    if args.iter().any(|a| a == "--enqueue-only") {
+        println!(
+            "{{\"backend\":\"{backend}\",\"messages\":{total},\"enqueue_per_s\":{:.0},\"rss_mib_with_all_queued\":{rss_queued_mib:.0},\"queued\":{}}}",
+            total as f64 / enq.as_secs_f64(),
+            spool.counts().await.unwrap().queued
+        );
+        return;
+    }
 
     // Lease + complete until empty, 4 workers.
     let started = Instant::now();
