@@ -107,6 +107,9 @@ pub struct RadosConfig {
     /// How long an MTA's shard locks last without renewal: the take-over time after a crash.
     #[serde(with = "humantime_serde")]
     pub shard_lease: std::time::Duration,
+    /// Bodies up to this many bytes live inside their index entry (no RADOS object per
+    /// message); larger ones are objects of their own.
+    pub inline_body_max: usize,
 }
 
 impl Default for RadosConfig {
@@ -119,6 +122,7 @@ impl Default for RadosConfig {
             shards: 16,
             op_timeout: std::time::Duration::from_secs(10),
             shard_lease: std::time::Duration::from_secs(15),
+            inline_body_max: 64 * 1024,
         }
     }
 }
@@ -203,6 +207,9 @@ impl Config {
             }
             if self.spool.rados.op_timeout.as_secs() < 1 {
                 return Err(invalid("op_timeout", "must be at least 1s"));
+            }
+            if self.spool.rados.inline_body_max > 16 << 20 {
+                return Err(invalid("inline_body_max", "must be at most 16 MiB (larger omap values strain the OSDs)"));
             }
             if self.spool.rados.shard_lease.as_secs() < 2 {
                 return Err(invalid("shard_lease", "must be at least 2s"));

@@ -74,6 +74,7 @@ async fn open_spool(config: &Config) -> anyhow::Result<OpenSpool> {
             opts.shards = r.shards;
             opts.op_timeout = r.op_timeout;
             opts.shard_lease = r.shard_lease;
+            opts.inline_body_max = r.inline_body_max;
             opts.own_shards = config.role.runs_mta();
             let spool = Arc::new(sluice_spool::RadosSpool::open(opts).await.with_context(|| {
                 format!("cannot open the RADOS spool (pool {} via {})", r.pool, r.conf.as_ref().expect("validated").display())

@@ -21,9 +21,28 @@ pub fn options(namespace: &str) -> RadosSpoolOptions {
     o
 }
 
-async fn fresh() -> Arc<dyn Spool> {
-    let ns = format!("conformance-{}", ulid::Ulid::new());
-    Arc::new(RadosSpool::open(options(&ns)).await.expect("open rados spool"))
+/// Bodies inline in the index (the default for messages up to 64 KiB).
+mod inline_bodies {
+    use super::*;
+
+    async fn fresh() -> Arc<dyn Spool> {
+        let ns = format!("conformance-{}", ulid::Ulid::new());
+        Arc::new(RadosSpool::open(options(&ns)).await.expect("open rados spool"))
+    }
+
+    sluice_spool::spool_conformance_tests!(fresh());
 }
 
-sluice_spool::spool_conformance_tests!(fresh());
+/// Every body an object of its own (what larger messages get).
+mod body_objects {
+    use super::*;
+
+    async fn fresh() -> Arc<dyn Spool> {
+        let ns = format!("conformance-objects-{}", ulid::Ulid::new());
+        let mut o = options(&ns);
+        o.inline_body_max = 0;
+        Arc::new(RadosSpool::open(o).await.expect("open rados spool"))
+    }
+
+    sluice_spool::spool_conformance_tests!(fresh());
+}

@@ -117,6 +117,7 @@ async fn sweeper_removes_orphans_both_ways() {
     let ns = namespace("sweep");
     let mut o = options(&ns);
     o.orphan_age = Duration::ZERO;
+    o.inline_body_max = 0; // bodies as objects, which is what can be orphaned
     let spool = RadosSpool::open(o).await.unwrap();
     let keep = message("sweep.test", &["keep@sweep.test"]);
     let orphan_body = message("sweep.test", &["body@sweep.test"]);

@@ -273,6 +273,30 @@ impl Rados {
         Ok((state, rx))
     }
 
+    /// Reads up to `max` omap keys (no values) after `start_after`, and whether more remain.
+    pub async fn omap_keys(&self, oid: &str, start_after: &str, max: u64) -> Result<OmapPage, RadosError> {
+        let (state, rx) = self.submit_omap_keys(oid, start_after, max)?;
+        let _ = rx.await;
+        state.check_read("omap_keys", oid)?;
+        state.take_omap(0).map_err(|r| RadosError::new("omap_keys", oid, r))
+    }
+
+    fn submit_omap_keys(&self, oid: &str, start_after: &str, max: u64) -> Result<(Arc<OpState>, oneshot::Receiver<()>), RadosError> {
+        let oid_c = cstring(oid, "omap_keys")?;
+        let after = cstring(start_after, "omap_keys")?;
+        // SAFETY: fresh handle owned by OpState.
+        let handle = unsafe { ffi::rados_create_read_op() };
+        let state = OpState::new(self.cluster.clone(), OpHandle::Read(handle), 1);
+        let (iter, more, prval) = state.omap_out_ptrs(0);
+        // SAFETY: live op; `after` is copied by librados; outputs point into OpState.
+        unsafe { ffi::rados_read_op_omap_get_keys2(handle, after.as_ptr(), max, iter, more, prval) };
+        let rx = state.start(oid, |c, io| {
+            // SAFETY: live op, ioctx and completion.
+            unsafe { ffi::rados_aio_read_op_operate(handle, io, c, oid_c.as_ptr(), 0) }
+        })?;
+        Ok((state, rx))
+    }
+
     /// Reads the values of the given omap keys (missing keys are simply absent).
     pub async fn omap_get_by_keys(&self, oid: &str, keys: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, RadosError> {
         let (state, rx) = self.submit_omap_get_by_keys(oid, keys)?;

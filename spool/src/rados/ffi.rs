@@ -67,6 +67,15 @@ extern "C" {
         prval: *mut c_int,
     );
 
+    pub fn rados_read_op_omap_get_keys2(
+        read_op: rados_read_op_t,
+        start_after: *const c_char,
+        max_return: u64,
+        iter: *mut rados_omap_iter_t,
+        pmore: *mut c_uchar,
+        prval: *mut c_int,
+    );
+
     pub fn rados_read_op_omap_get_vals_by_keys2(
         read_op: rados_read_op_t,
         keys: *const *const c_char,

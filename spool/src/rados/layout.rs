@@ -9,10 +9,13 @@
 //!   - `m<id>` → the message's current `i` key (to find a message by id);
 //!   - `q<queue>` → a token rewritten on every insert: the shard's queue directory;
 //!   - `l<id>` → the `i` key of a leased message: the shard's in-flight list, so a new owner
-//!     finds a dead owner's leases without scanning the whole index.
+//!     finds a dead owner's leases without scanning the whole index;
+//!   - `d<id>` → empty, for messages tried at least once (retries), so counting by state needs
+//!     no value reads.
 //!
 //!   The shard's owner holds the exclusive cls_lock `sluice-owner` on this object.
-//! - `sluice.msg.NNNN.<id>`: a message body (the RFC 5322 bytes), NNNN its index shard.
+//! - `sluice.msg.NNNN.<id>`: a message body too large to live inline in its index entry, NNNN
+//!   its index shard.
 //! - `sluice.suppressions.NN`: the suppression list, [`SUPPRESSION_SHARDS`] objects; omap
 //!   [`crate::suppression_key`] → JSON [`crate::Suppression`], the object chosen by a hash of
 //!   the key so one hot object does not take every bounce of a deployment.
@@ -84,28 +87,44 @@ pub fn lease_key(id: MessageId) -> String {
     format!("l{id}")
 }
 
+pub fn retry_key(id: MessageId) -> String {
+    format!("d{id}")
+}
+
 pub fn dir_key(queue: &str) -> String {
     format!("q{queue}")
 }
 
-/// The value of an `i` key: a fixed header, then the message metadata as JSON.
+/// The value of an `i` key: a fixed header, the message metadata as JSON, and the body when
+/// it is small enough to live in the index (see `RadosSpoolOptions::inline_body_max`): then
+/// enqueue, lease and complete need no per-message object operation at all.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexValue {
     pub attempts: u32,
     pub leased: bool,
     pub body_len: u64,
     pub meta: MessageMeta,
+    /// The body, when stored inline; otherwise it is the object `sluice.msg.NNNN.<id>`.
+    pub body: Option<bytes::Bytes>,
 }
 
-const HEADER: usize = 4 + 1 + 8;
+// attempts u32, leased u8, body_len u64, inline u8, meta_len u32 (all big-endian)
+const HEADER: usize = 4 + 1 + 8 + 1 + 4;
 
 impl IndexValue {
     pub fn encode(&self) -> Result<Vec<u8>, SpoolError> {
-        let mut v = Vec::with_capacity(HEADER + 512);
+        let meta = serde_json::to_vec(&self.meta).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        let inline = self.body.as_ref().map(|b| b.len()).unwrap_or(0);
+        let mut v = Vec::with_capacity(HEADER + meta.len() + inline);
         v.extend_from_slice(&self.attempts.to_be_bytes());
         v.push(self.leased as u8);
         v.extend_from_slice(&self.body_len.to_be_bytes());
-        serde_json::to_writer(&mut v, &self.meta).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        v.push(self.body.is_some() as u8);
+        v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        v.extend_from_slice(&meta);
+        if let Some(b) = &self.body {
+            v.extend_from_slice(b);
+        }
         Ok(v)
     }
 
@@ -114,17 +133,16 @@ impl IndexValue {
         if v.len() < HEADER {
             return Err(corrupt(format!("{} bytes", v.len())));
         }
+        let meta_len = u32::from_be_bytes(v[14..18].try_into().expect("4 bytes")) as usize;
+        let meta_end = HEADER.checked_add(meta_len).filter(|e| *e <= v.len()).ok_or_else(|| corrupt("truncated".into()))?;
+        let inline = v[13] != 0;
         Ok(IndexValue {
             attempts: u32::from_be_bytes(v[0..4].try_into().expect("4 bytes")),
             leased: v[4] != 0,
             body_len: u64::from_be_bytes(v[5..13].try_into().expect("8 bytes")),
-            meta: serde_json::from_slice(&v[HEADER..]).map_err(|e| corrupt(e.to_string()))?,
+            meta: serde_json::from_slice(&v[HEADER..meta_end]).map_err(|e| corrupt(e.to_string()))?,
+            body: inline.then(|| bytes::Bytes::copy_from_slice(&v[meta_end..])),
         })
-    }
-
-    /// Only the header, for counting without decoding JSON.
-    pub fn decode_header(v: &[u8]) -> Option<(u32, bool)> {
-        (v.len() >= HEADER).then(|| (u32::from_be_bytes(v[0..4].try_into().expect("4 bytes")), v[4] != 0))
     }
 }
 

@@ -70,6 +70,9 @@ pub struct RadosSpoolOptions {
     pub sweep_interval: Duration,
     /// An orphaned body is removed only when it is older than this (longer than any enqueue).
     pub orphan_age: Duration,
+    /// Bodies up to this size live inside their index entry (one batched omap write per
+    /// request, no object per message); larger ones are objects of their own.
+    pub inline_body_max: usize,
 }
 
 impl RadosSpoolOptions {
@@ -85,6 +88,7 @@ impl RadosSpoolOptions {
             shard_lease: Duration::from_secs(15),
             sweep_interval: Duration::from_secs(600),
             orphan_age: Duration::from_secs(600),
+            inline_body_max: 64 * 1024,
         }
     }
 }
@@ -96,6 +100,8 @@ struct LeaseState {
     key: String,
     until: u64,
     body_len: u64,
+    /// The body when it lives in the index entry (rewritten with it on reschedule).
+    inline_body: Option<bytes::Bytes>,
 }
 
 struct IndexRequest {
@@ -387,7 +393,8 @@ impl Inner {
     async fn enqueue(&self, batch: Vec<Message>) -> Result<(), SpoolError> {
         // One shard per batch: its index entries land in one atomic write, all or nothing.
         let shard = rand::random::<u32>() % self.shards;
-        let bodies = batch.iter().map(|m| {
+        let inline_max = self.opts.inline_body_max;
+        let bodies = batch.iter().filter(|m| m.body.len() > inline_max).map(|m| {
             let oid = body_object(shard, m.meta.id);
             let op = WriteOp::new().write_full(m.body.clone());
             let rados = self.rados.clone();
@@ -400,10 +407,19 @@ impl Inner {
         let mut entries = Vec::with_capacity(batch.len() * 3);
         for m in &batch {
             let key = index_key(&m.meta.queue, m.meta.due_at, m.meta.id);
-            let value = IndexValue { attempts: m.meta.attempts, leased: false, body_len: m.body.len() as u64, meta: m.meta.clone() };
+            let value = IndexValue {
+                attempts: m.meta.attempts,
+                leased: false,
+                body_len: m.body.len() as u64,
+                meta: m.meta.clone(),
+                body: (m.body.len() <= inline_max).then(|| m.body.clone()),
+            };
             entries.push((key.clone().into_bytes(), value.encode()?));
             entries.push((id_key(m.meta.id).into_bytes(), key.into_bytes()));
             entries.push((dir_key(&m.meta.queue).into_bytes(), token.clone()));
+            if m.meta.attempts > 0 {
+                entries.push((retry_key(m.meta.id).into_bytes(), Vec::new()));
+            }
         }
         let (done, answer) = oneshot::channel();
         self.committers[shard as usize].send(IndexRequest { entries, done }).await.map_err(|_| SpoolError::Closed)?;
@@ -435,12 +451,18 @@ impl Inner {
                 Err(e) => return Err(e),
             }
         }
-        // Bodies, all in flight at once.
+        // Bodies that are not inline, all in flight at once.
         let reads = out.iter().map(|(shard, lease, value): &(u32, Lease, IndexValue)| {
             let rados = self.rados.clone();
             let oid = body_object(*shard, lease.id);
             let len = value.body_len as usize;
-            async move { rados.read(&oid, len).await }
+            let inline = value.body.clone();
+            async move {
+                match inline {
+                    Some(body) => Ok(body),
+                    None => rados.read(&oid, len).await,
+                }
+            }
         });
         let bodies = futures::future::join_all(reads).await;
         let mut leased = Vec::with_capacity(out.len());
@@ -541,7 +563,7 @@ impl Inner {
             .map(|(key, value)| {
                 let token = rand::random::<u64>();
                 let id = value.meta.id;
-                leases.insert(id, LeaseState { token, shard, key, until, body_len: value.body_len });
+                leases.insert(id, LeaseState { token, shard, key, until, body_len: value.body_len, inline_body: value.body.clone() });
                 (shard, Lease { id, token, until }, value)
             })
             .collect())
@@ -584,17 +606,32 @@ impl Inner {
     async fn reschedule(&self, lease: &Lease, meta: MessageMeta) -> Result<(), SpoolError> {
         let held = self.take_lease(lease)?;
         let key = index_key(&meta.queue, meta.due_at, meta.id);
-        let value = IndexValue { attempts: meta.attempts, leased: false, body_len: held.body_len, meta };
-        let rm = vec![held.key.clone().into_bytes(), lease_key(lease.id).into_bytes()];
-        let set = vec![(key.clone().into_bytes(), value.encode()?), (id_key(lease.id).into_bytes(), key.into_bytes())];
+        let attempts = meta.attempts;
+        let value = IndexValue { attempts, leased: false, body_len: held.body_len, meta, body: held.inline_body.clone() };
+        let mut rm = vec![held.key.clone().into_bytes(), lease_key(lease.id).into_bytes()];
+        let mut set = vec![(key.clone().into_bytes(), value.encode()?), (id_key(lease.id).into_bytes(), key.into_bytes())];
+        if attempts > 0 {
+            set.push((retry_key(lease.id).into_bytes(), Vec::new()));
+        } else {
+            rm.push(retry_key(lease.id).into_bytes());
+        }
         self.write_for_lease(lease, held, rm, set).await
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
         let held = self.take_lease(lease)?;
         let shard = held.shard;
-        let rm = vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes(), lease_key(lease.id).into_bytes()];
+        let inline = held.inline_body.is_some();
+        let rm = vec![
+            held.key.clone().into_bytes(),
+            id_key(lease.id).into_bytes(),
+            lease_key(lease.id).into_bytes(),
+            retry_key(lease.id).into_bytes(),
+        ];
         self.write_for_lease(lease, held, rm, Vec::new()).await?;
+        if inline {
+            return Ok(());
+        }
         // The index no longer refers to the body; if this fails the sweeper removes it.
         match self.rados.remove(&body_object(shard, lease.id)).await {
             Ok(()) => {}
@@ -606,7 +643,12 @@ impl Inner {
 
     async fn remove_entry(&self, lease: &Lease) -> Result<(), SpoolError> {
         let held = self.take_lease(lease)?;
-        let rm = vec![held.key.clone().into_bytes(), id_key(lease.id).into_bytes(), lease_key(lease.id).into_bytes()];
+        let rm = vec![
+            held.key.clone().into_bytes(),
+            id_key(lease.id).into_bytes(),
+            lease_key(lease.id).into_bytes(),
+            retry_key(lease.id).into_bytes(),
+        ];
         self.write_for_lease(lease, held, rm, Vec::new()).await
     }
 
@@ -690,36 +732,54 @@ impl Inner {
         Ok(None)
     }
 
+    /// Counts by state without reading message values: index entries (`i` keys), in-flight
+    /// leases (`l` values name the lease deadline) and retries (`d` keys).
     async fn counts(&self) -> Result<SpoolCounts, SpoolError> {
         let now = now_ms();
         let scans = (0..self.shards).map(|shard| {
             let rados = self.rados.clone();
             async move {
                 let oid = shard_object(shard);
-                let mut c = SpoolCounts::default();
-                let mut after = "i".to_string();
+                let entries = match count_keys(&rados, &oid, 'i').await {
+                    Ok(n) => n,
+                    Err(e) if e.is_not_found() => return Ok(SpoolCounts::default()),
+                    Err(e) => return Err(SpoolError::from(e)),
+                };
+                let mut live_leases = std::collections::HashSet::new();
+                let mut after = "l".to_string();
                 loop {
-                    let page = match rados.omap_get(&oid, &[OmapQuery { start_after: after.clone(), prefix: "i".into(), max: 1000 }]).await {
-                        Ok(mut p) => p.remove(0),
-                        Err(e) if e.is_not_found() => return Ok(c),
-                        Err(e) => return Err(SpoolError::from(e)),
-                    };
+                    let page = rados.omap_get(&oid, &[OmapQuery { start_after: after.clone(), prefix: "l".into(), max: 1000 }]).await?.remove(0);
                     for (k, v) in &page.entries {
-                        let (Some(key), Some((attempts, leased))) = (parse_index_key(k), IndexValue::decode_header(v)) else { continue };
-                        if leased && key.due > now {
-                            c.leased += 1;
-                        } else {
-                            c.queued += 1;
-                            if attempts > 0 {
-                                c.deferred += 1;
-                            }
+                        if parse_index_key(v).is_some_and(|ik| ik.due > now) {
+                            live_leases.insert(k[1..].to_vec());
                         }
                     }
                     match page.entries.last() {
                         Some((k, _)) if page.more => after = String::from_utf8_lossy(k).into_owned(),
-                        _ => return Ok(c),
+                        _ => break,
                     }
                 }
+                let mut retries_not_leased = 0u64;
+                let mut after = "d".to_string();
+                loop {
+                    let page = rados.omap_keys(&oid, &after, 1000).await?;
+                    let mut done = !page.more;
+                    for (k, _) in &page.entries {
+                        if k.first() != Some(&b'd') {
+                            done = true;
+                            break;
+                        }
+                        if !live_leases.contains(&k[1..]) {
+                            retries_not_leased += 1;
+                        }
+                    }
+                    match page.entries.last() {
+                        Some((k, _)) if !done => after = String::from_utf8_lossy(k).into_owned(),
+                        _ => break,
+                    }
+                }
+                let leased = live_leases.len() as u64;
+                Ok(SpoolCounts { queued: entries.saturating_sub(leased), deferred: retries_not_leased, leased })
             }
         });
         let mut total = SpoolCounts::default();
@@ -766,6 +826,25 @@ impl Inner {
         }
         metrics::counter!("sluice_spool_orphans_removed_total", "kind" => "body").increment(removed as u64);
         Ok((removed, 0))
+    }
+}
+
+/// Counts the omap keys of `oid` that start with `prefix`, reading keys only.
+async fn count_keys(rados: &Rados, oid: &str, prefix: char) -> Result<u64, RadosError> {
+    let mut n = 0;
+    let mut after = prefix.to_string();
+    loop {
+        let page = rados.omap_keys(oid, &after, 1000).await?;
+        for (k, _) in &page.entries {
+            if k.first() != Some(&(prefix as u8)) {
+                return Ok(n);
+            }
+            n += 1;
+        }
+        match page.entries.last() {
+            Some((k, _)) if page.more => after = String::from_utf8_lossy(k).into_owned(),
+            _ => return Ok(n),
+        }
     }
 }
 
