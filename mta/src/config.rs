@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::shaping::{EgressConfig, Limits, ShapingSettings};
 
 /// `[mta]`: how delivery workers lease, route and deliver mail.
 #[derive(Clone, Debug, Deserialize)]
@@ -15,6 +17,12 @@ pub struct MtaConfig {
     pub ehlo_hostname: String,
     /// Most SMTP connections open at once, over all destinations.
     pub max_concurrent_deliveries: usize,
+    /// Most connections open at once on one path (egress IP × provider, or × recipient
+    /// domain when no provider claims it), unless the shaping data says otherwise.
+    pub max_connections_per_path: u32,
+    /// Most recipients in one SMTP transaction (RFC 5321 requires servers to take 100);
+    /// more are sent in further transactions over the same connection.
+    pub max_recipients_per_transaction: u32,
     /// Most messages taken from the spool by one lease.
     pub lease_batch: usize,
     /// How long a worker holds leased messages. Must exceed the worst case of one
@@ -22,8 +30,9 @@ pub struct MtaConfig {
     /// start in time, so this bounds how long a crashed worker's messages stay invisible.
     #[serde(with = "humantime_serde")]
     pub lease_for: Duration,
-    /// Most messages delivered over one connection before it is closed. One lease takes at
-    /// most this many messages per destination, so one backlog cannot fill a whole lease.
+    /// Most messages delivered over one connection before it is closed (unless the shaping
+    /// data says otherwise). One lease takes at most this many messages per destination, so
+    /// one backlog cannot fill a whole lease.
     pub max_messages_per_connection: usize,
     /// How often idle workers look for due mail when not woken by the edge.
     #[serde(with = "humantime_serde")]
@@ -39,6 +48,10 @@ pub struct MtaConfig {
     pub tls: TlsSettings,
     pub retry: RetrySettings,
     pub timeouts: Timeouts,
+    /// Limits per provider and per egress IP (docs/shaping.md).
+    pub shaping: ShapingSettings,
+    /// Source IPs and pools.
+    pub egress: EgressConfig,
 }
 
 impl Default for MtaConfig {
@@ -46,6 +59,8 @@ impl Default for MtaConfig {
         MtaConfig {
             ehlo_hostname: machine_hostname(),
             max_concurrent_deliveries: 100,
+            max_connections_per_path: 20,
+            max_recipients_per_transaction: 100,
             lease_batch: 200,
             lease_for: Duration::from_secs(600),
             max_messages_per_connection: 100,
@@ -57,6 +72,8 @@ impl Default for MtaConfig {
             tls: TlsSettings::default(),
             retry: RetrySettings::default(),
             timeouts: Timeouts::default(),
+            shaping: ShapingSettings::default(),
+            egress: EgressConfig::default(),
         }
     }
 }
@@ -81,7 +98,7 @@ impl Default for ResolverSettings {
 }
 
 /// Whether to use STARTTLS.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TlsMode {
     /// Use STARTTLS when offered; fall back to plain text when it is not, or when the
@@ -263,6 +280,8 @@ impl MtaConfig {
             ("max_concurrent_deliveries", self.max_concurrent_deliveries),
             ("lease_batch", self.lease_batch),
             ("max_messages_per_connection", self.max_messages_per_connection),
+            ("max_connections_per_path", self.max_connections_per_path as usize),
+            ("max_recipients_per_transaction", self.max_recipients_per_transaction as usize),
             ("resolver.attempts", self.resolver.attempts),
         ] {
             if v == 0 {
@@ -318,7 +337,22 @@ impl MtaConfig {
         for h in &self.smart_host {
             HostPort::parse(h).map_err(|e| format!("smart_host: {e}"))?;
         }
+        self.shaping.validate()?;
+        self.egress.validate()?;
         Ok(())
+    }
+
+    /// The lowest level of shaping limits: what this section says.
+    pub fn base_limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections_per_path,
+            connection_rate: None,
+            message_rate: None,
+            max_messages_per_connection: self.max_messages_per_connection as u32,
+            max_recipients_per_transaction: self.max_recipients_per_transaction,
+            idle_timeout: self.timeouts.idle,
+            tls: self.tls.mode,
+        }
     }
 }
 

@@ -1,40 +1,36 @@
-//! Delivering the leased messages of one destination: find a host that answers, then send
-//! the messages one after another over that connection (RSET between), and when it runs
-//! dry, look for more due mail to the same destination for `timeouts.idle`.
+//! Connections: each serves one site (the MX hosts of a destination) of one path (egress
+//! source × provider). It is set up from the path's source with the path's TLS policy, then
+//! takes messages from the site's ready queue and sends them one after another (RSET
+//! between), at the path's message rate, up to its messages per connection and recipients
+//! per transaction, until the queue stays empty for the idle timeout.
 //!
 //! Connection-level trouble (refused, timeout, TLS failure, a 4xx greeting or EHLO) moves
-//! on to the next address and MX host; when none works, the last failure is the outcome of
-//! every message. Each wait is capped by the lease: a message whose lease cannot cover a
-//! transaction is released untouched.
+//! on to the next address and MX host. When none works, the site backs off (1 s, doubling
+//! up to 5 minutes) and, if no other connection to it is open, every message waiting for it
+//! is deferred with that failure. Each wait is capped by the lease: a message whose lease
+//! cannot cover a transaction is released untouched.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_rules::{EnhancedCode, Reply, Stage};
-use sluice_spool::{LeaseRequest, Leased, QueueFilter, RecipientState};
+use sluice_rules::{Context, EnhancedCode, Reply, Stage};
+use sluice_spool::{now_ms, Leased, MessageMeta, RecipientState};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::body;
+use crate::body::{self, WireBody};
 use crate::config::{TlsMode, SPOOL_MARGIN};
-use crate::outcome::{for_all_pending, release, settle, RcptReply, Via};
+use crate::outcome::{for_all_pending, release, settle, Feedback, RcptReply, Via};
 use crate::route::Hop;
+use crate::shaping::{take, Applied, ConnectFailure, Path, Site, Source};
 use crate::smtp_client::{ClientError, SmtpClient};
 use crate::tls::server_name;
-use crate::worker::Ctx;
+use crate::worker::{hold_for_suspension, is_expired, Ctx};
 
 /// Most addresses tried per connection attempt, over all MX hosts (Postfix uses 5).
 const MAX_ADDRESSES: usize = 10;
-
-/// Messages for one destination domain, leased together.
-pub(crate) struct Job {
-    pub domain: String,
-    pub messages: VecDeque<Leased>,
-}
 
 /// An open, greeted connection.
 struct Session {
@@ -75,7 +71,7 @@ fn client_failure(e: &ClientError, host: &str, during: &str) -> Reply {
 
 /// When the lease of `msg` must be handed back, with time to spare for the spool write.
 fn deadline(msg: &Leased) -> Instant {
-    let left = msg.lease.until.saturating_sub(sluice_spool::now_ms());
+    let left = msg.lease.until.saturating_sub(now_ms());
     Instant::now() + Duration::from_millis(left).saturating_sub(SPOOL_MARGIN)
 }
 
@@ -83,59 +79,177 @@ fn time_left(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
-pub(crate) async fn run_job(ctx: Arc<Ctx>, mut job: Job, permit: OwnedSemaphorePermit, cancel: CancellationToken) {
-    let _permit = permit;
-    let t = ctx.config.timeouts.clone();
-    let hops = match ctx.router.hops(&job.domain).await {
-        Ok(hops) => hops,
-        Err(reply) => {
-            for msg in job.messages.drain(..) {
-                let replies = for_all_pending(&msg.meta, &reply, Stage::Connect);
-                settle(&ctx, msg, replies, &Via::default()).await;
-            }
-            return;
-        }
-    };
-    while let Some(first) = job.messages.front() {
-        if cancel.is_cancelled() || time_left(deadline(first)) < t.setup_budget() + t.message_budget() {
-            break;
-        }
-        let mut session = match connect(&ctx, &hops, deadline(first)).await {
-            Ok(s) => s,
-            Err(f) => {
-                tracing::debug!(domain = %job.domain, reply = %f.reply, "no host of the destination accepted a session");
-                for msg in job.messages.drain(..) {
-                    let replies = for_all_pending(&msg.meta, &f.reply, f.stage);
-                    settle(&ctx, msg, replies, &f.via).await;
-                }
-                return;
-            }
-        };
-        let healthy = deliver_over(&ctx, &mut session, &mut job, &cancel).await;
-        if healthy {
-            session.client.quit(t.mail.min(Duration::from_secs(5))).await;
-        }
+/// Starts connections for `path`'s waiting mail, as many as its limits and the free
+/// connection slots allow: one per site at a time is being set up, and a site with an idle
+/// connection gets none (that connection takes the mail).
+pub(crate) fn connect_more(ctx: &Arc<Ctx>, path: &Arc<Path>) {
+    if ctx.cancel.is_cancelled() || path.queued() == 0 {
+        return;
     }
-    for msg in job.messages.drain(..) {
-        release(&ctx, msg).await;
+    let now = now_ms();
+    if path.suspended_until(now).is_some() {
+        return;
+    }
+    let mut wake_at: Option<u64> = None;
+    for site in path.sites() {
+        if site.queued() == 0 || site.idle.load(Ordering::Relaxed) > 0 || site.connecting.load(Ordering::Relaxed) > 0 {
+            continue;
+        }
+        if let Some(at) = site.backing_off(now) {
+            wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+            continue;
+        }
+        let eff = path.effective();
+        if path.connections.load(Ordering::Relaxed) >= eff.limits.max_connections {
+            return; // a closing connection calls again
+        }
+        let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
+            ctx.slot_wanted.store(true, Ordering::Relaxed);
+            return;
+        };
+        if let Some(limiter) = &eff.connects {
+            let wait = take(limiter);
+            if !wait.is_zero() {
+                let at = now + wait.as_millis() as u64;
+                wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+                break;
+            }
+        }
+        path.connections.fetch_add(1, Ordering::Relaxed);
+        site.connecting.fetch_add(1, Ordering::Relaxed);
+        ctx.tasks.spawn(run_connection(ctx.clone(), path.clone(), site, permit));
+    }
+    if let Some(at) = wake_at {
+        wake_later(ctx, path, at);
     }
 }
 
-/// Sends the job's messages over `session` until they run out (and no more arrive within
-/// the idle time), the connection's message limit is reached, shutdown begins, or the
-/// connection breaks. Returns whether the connection is still usable.
-async fn deliver_over(ctx: &Ctx, session: &mut Session, job: &mut Job, cancel: &CancellationToken) -> bool {
+/// Looks for connection work on `path` again at `at` (one timer per path at a time).
+fn wake_later(ctx: &Arc<Ctx>, path: &Arc<Path>, at: u64) {
+    if path.wake_pending.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (ctx, path) = (ctx.clone(), path.clone());
+    tokio::spawn(async move {
+        let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.cancel.cancelled() => {}
+        }
+        path.wake_pending.store(false, Ordering::Release);
+        connect_more(&ctx, &path);
+    });
+}
+
+/// Gives every path with waiting mail a chance to connect (a slot came free, limits changed).
+pub(crate) fn wake_all(ctx: &Arc<Ctx>) {
+    for path in ctx.shaping.paths() {
+        if path.queued() > 0 {
+            connect_more(ctx, &path);
+        }
+    }
+}
+
+/// A path was just suspended: mail waiting for it goes back to the spool.
+pub(crate) async fn hand_back_suspended(ctx: &Ctx, path: &Path) {
+    let Some(until) = path.suspended_until(now_ms()) else { return };
+    for msg in path.drain() {
+        hold_for_suspension(ctx, msg, path, until).await;
+    }
+}
+
+/// Carries out what the rules asked for after a reply on `path`.
+async fn apply_feedback(ctx: &Arc<Ctx>, path: &Arc<Path>, feedback: Vec<Feedback>) {
+    for f in feedback {
+        match path.apply(&f.rule_id, &f.action, &f.reply) {
+            Applied::Nothing | Applied::Counted => {}
+            Applied::Throttled(t) => {
+                tracing::info!(provider = %path.provider, source = %path.source.id, rule = %f.rule_id, throttle = ?t, "shaping: path throttled");
+                metrics::counter!("sluice_shaping_actions_total", "provider" => path.metric_label().to_string(), "action" => "throttle", "rule" => f.rule_id.clone()).increment(1);
+            }
+            Applied::Suspended(s) => {
+                tracing::warn!(provider = %path.provider, source = %path.source.id, rule = %f.rule_id, until = s.until, reply = %f.reply, "shaping: path suspended");
+                metrics::counter!("sluice_shaping_actions_total", "provider" => path.metric_label().to_string(), "action" => "suspend", "rule" => f.rule_id.clone()).increment(1);
+                hand_back_suspended(ctx, path).await;
+            }
+        }
+    }
+}
+
+/// One connection's life: set up, then serve the site's queue.
+async fn run_connection(ctx: Arc<Ctx>, path: Arc<Path>, site: Arc<Site>, permit: OwnedSemaphorePermit) {
+    let tls_mode = path.effective().limits.tls;
+    let setup = Instant::now() + ctx.config.timeouts.setup_budget();
+    let result = connect(&ctx, &site.hops, &path.source, tls_mode, setup).await;
+    site.connecting.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Err(f) => on_connect_failure(&ctx, &path, &site, f).await,
+        Ok(mut session) => {
+            site.connected();
+            session.via.provider = Some(path.metric_label().into());
+            let ended = serve(&ctx, &path, &site, &mut session).await;
+            site.open.fetch_sub(1, Ordering::Relaxed);
+            if ended != Ended::Broken {
+                session.client.quit(ctx.config.timeouts.mail.min(Duration::from_secs(5))).await;
+            }
+            if ended == Ended::OverLimit {
+                path.connections.fetch_add(1, Ordering::Relaxed); // taken back just below
+            }
+        }
+    }
+    path.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(permit);
+    connect_more(&ctx, &path);
+    if ctx.slot_wanted.swap(false, Ordering::Relaxed) {
+        wake_all(&ctx);
+    }
+}
+
+/// A connection could not be set up: back off, let the rules see the failure once, and if
+/// nothing else reaches the site, defer everything that waits for it.
+async fn on_connect_failure(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, f: Failure) {
+    let failures = site.failed(ConnectFailure { reply: f.reply.clone(), stage: f.stage, via: f.via.clone() });
+    tracing::debug!(provider = %path.provider, site = %site.key, failures, reply = %f.reply, "no host of the site accepted a connection");
+    // The rules decide what the failure means for the path (a 421 "too many connections"
+    // may throttle it); counted once per failed attempt, not once per waiting message.
+    let cx = Context { stage: Some(f.stage), mx_host: f.via.mx_host.as_deref(), domain: (!path.known).then_some(&*path.provider) };
+    let outcome = ctx.classify.classify(&f.reply, &cx);
+    if !outcome.shaping.is_none() {
+        let fb = Feedback { rule_id: outcome.rule_id.clone(), action: outcome.shaping.clone(), reply: f.reply.to_string() };
+        apply_feedback(ctx, path, vec![fb]).await;
+    }
+    if !site.unreachable() {
+        return; // other connections to the site carry its mail
+    }
+    let failure = ConnectFailure { reply: f.reply, stage: f.stage, via: Via { provider: Some(path.metric_label().into()), ..f.via } };
+    for msg in path.drain_site(site) {
+        crate::outcome::settle_failure(ctx, msg, &failure, path).await;
+    }
+}
+
+/// Sends the site's mail over `session` until the queue stays empty for the idle time, the
+/// connection's message limit is reached, the path is suspended or over its connection
+/// limit, shutdown begins, or the connection breaks.
+async fn serve(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, session: &mut Session) -> Ended {
     let t = &ctx.config.timeouts;
     loop {
-        if cancel.is_cancelled() || session.sent >= ctx.config.max_messages_per_connection {
-            return true;
-        }
-        let Some(msg) = job.messages.pop_front() else {
-            if more_for_destination(ctx, job, session.sent, cancel).await {
-                continue;
-            }
-            return true;
+        let (idle, max_messages, rcpts_per_tx) = {
+            let eff = path.effective();
+            (eff.limits.idle_timeout, eff.limits.max_messages_per_connection as usize, eff.limits.max_recipients_per_transaction as usize)
         };
+        if ctx.cancel.is_cancelled() || session.sent >= max_messages || path.suspended_until(now_ms()).is_some() {
+            return Ended::Done;
+        }
+        if over_limit(path) {
+            return Ended::OverLimit;
+        }
+        let Some(msg) = path.pop(site, idle, &ctx.cancel).await else { return Ended::Done };
+        ctx.room.notify_one();
+        if let Some(reply) = is_expired(ctx, &msg) {
+            let replies = for_all_pending(&msg.meta, &reply, Stage::Connect);
+            settle(ctx, msg, replies, &session.via).await;
+            continue;
+        }
         let deadline = deadline(&msg);
         if time_left(deadline) < t.message_budget() {
             release(ctx, msg).await;
@@ -145,69 +259,117 @@ async fn deliver_over(ctx: &Ctx, session: &mut Session, job: &mut Job, cancel: &
         let mut msg = msg;
         if let Err(reply) = ctx.dkim.sign_once(&mut msg.meta, &msg.body).await {
             let replies = for_all_pending(&msg.meta, &reply, Stage::Data);
-            settle(ctx, msg, replies, &Via::default()).await;
+            settle(ctx, msg, replies, &Via { provider: session.via.provider.clone(), ..Via::default() }).await;
             continue;
         }
-        if session.sent > 0 {
-            let host = session.via.mx_host.clone().unwrap_or_default();
-            match session.client.command("RSET", t.mail.min(time_left(deadline))).await {
-                Ok(r) if r.class() == 2 => {}
-                outcome => {
-                    tracing::debug!(host, ?outcome, "RSET failed; reconnecting");
-                    job.messages.push_front(msg);
-                    return false;
-                }
+        if !wait_for_rate(ctx, path, deadline).await {
+            // Shutdown, a suspension, or the lease would run out first: not an attempt.
+            match path.suspended_until(now_ms()) {
+                Some(until) => hold_for_suspension(ctx, msg, path, until).await,
+                None => release(ctx, msg).await,
             }
+            return Ended::Done;
         }
         let started = std::time::Instant::now();
-        let (replies, broken) = transaction(ctx, session, &msg, deadline).await;
+        let wire = body::encode_off_reactor(msg.meta.prepend_headers.clone(), msg.body.clone()).await;
+        let pending: Vec<usize> =
+            msg.meta.recipients.iter().enumerate().filter(|(_, r)| r.state == RecipientState::Pending).map(|(i, _)| i).collect();
+        let mut replies = Vec::with_capacity(pending.len());
+        let mut broken = false;
+        for (n, chunk) in pending.chunks(rcpts_per_tx.max(1)).enumerate() {
+            if session.sent > 0 || n > 0 {
+                let host = session.via.mx_host.clone().unwrap_or_default();
+                match session.client.command("RSET", t.mail.min(time_left(deadline))).await {
+                    Ok(r) if r.class() == 2 => {}
+                    outcome => {
+                        tracing::debug!(host, ?outcome, "RSET failed; closing the connection");
+                        if n == 0 {
+                            // Nothing was tried: the message waits for the next connection.
+                            path.push(site, msg);
+                            return Ended::Broken;
+                        }
+                        let reply = synthetic(421, (4, 4, 2), format!("{host} did not accept RSET between transactions"));
+                        replies.extend(chunk_replies(&pending[n * rcpts_per_tx.max(1)..], &reply, Stage::Mail));
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            let (r, b) = transaction(ctx, session, &msg.meta, &wire, chunk, deadline).await;
+            replies.extend(r);
+            if b {
+                let rest = &pending[((n + 1) * rcpts_per_tx.max(1)).min(pending.len())..];
+                if !rest.is_empty() {
+                    let reply = synthetic(421, (4, 4, 2), "the connection broke before these recipients were tried".to_string());
+                    replies.extend(chunk_replies(rest, &reply, Stage::Mail));
+                }
+                broken = true;
+                break;
+            }
+        }
         metrics::histogram!("sluice_delivery_attempt_seconds").record(started.elapsed().as_secs_f64());
         session.sent += 1;
-        settle(ctx, msg, replies, &session.via).await;
+        path.sent.fetch_add(1, Ordering::Relaxed);
+        let feedback = settle(ctx, msg, replies, &session.via).await;
+        if !feedback.is_empty() {
+            apply_feedback(ctx, path, feedback).await;
+        }
         if broken {
-            return false;
+            return Ended::Broken;
         }
     }
 }
 
-/// While the connection is idle, leases due mail for the same destination so it can be
-/// sent over this connection. Gives up after `timeouts.idle`, at shutdown, or as soon as
-/// another job waits for a connection slot.
-async fn more_for_destination(ctx: &Ctx, job: &mut Job, sent: usize, cancel: &CancellationToken) -> bool {
-    let idle = ctx.config.timeouts.idle;
-    let until = Instant::now() + idle;
-    let domain = job.domain.clone();
-    let filter: QueueFilter = Arc::new(move |q: &str| q == domain);
+/// Whether this connection should close because a throttle lowered the path's connection
+/// limit below the connections open. If so, it gives up its count at once, so only as many
+/// connections close as needed.
+fn over_limit(path: &Path) -> bool {
+    let max = path.effective().limits.max_connections;
+    path.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| (c > max).then(|| c - 1)).is_ok()
+}
+
+/// How a connection's work ended.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    /// Usable: say QUIT.
+    Done,
+    /// Usable, and it already gave up its count of the path's connections (over the limit).
+    OverLimit,
+    /// The connection broke.
+    Broken,
+}
+
+/// Waits for the path's message rate to allow one more. False when the lease would run
+/// out first, the path was suspended meanwhile, or shutdown began.
+async fn wait_for_rate(ctx: &Ctx, path: &Path, deadline: Instant) -> bool {
     loop {
-        let room = ctx.config.max_messages_per_connection.saturating_sub(sent).min(ctx.config.lease_batch);
-        if idle.is_zero() || room == 0 || cancel.is_cancelled() || ctx.waiting_jobs.load(Ordering::Relaxed) > 0 {
+        if path.suspended_until(now_ms()).is_some() {
             return false;
         }
-        let req = LeaseRequest { max: room, max_per_queue: room, lease_for: ctx.config.lease_for, filter: Some(filter.clone()) };
-        match ctx.spool.lease(req).await {
-            Ok(more) if !more.is_empty() => {
-                job.messages.extend(more);
-                return true;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(domain = %job.domain, error = %e, "cannot lease from the spool");
-                return false;
-            }
+        let wait = match &path.effective().messages {
+            None => return true,
+            Some(limiter) => take(limiter),
+        };
+        if wait.is_zero() {
+            return true;
         }
-        let left = time_left(until);
-        if left.is_zero() {
+        if time_left(deadline) < wait + ctx.config.timeouts.message_budget() {
             return false;
         }
+        // Re-checked after at most a second: a throttle that ends speeds the path up again.
         tokio::select! {
-            _ = tokio::time::sleep(left.min(ctx.config.idle_poll)) => {}
-            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
+            _ = ctx.cancel.cancelled() => return false,
         }
     }
+}
+
+fn chunk_replies(indices: &[usize], reply: &Reply, stage: Stage) -> Vec<RcptReply> {
+    indices.iter().map(|&index| RcptReply { index, reply: reply.clone(), stage }).collect()
 }
 
 /// Opens a session with the first host that takes one, in order.
-async fn connect(ctx: &Ctx, hops: &[Hop], deadline: Instant) -> Result<Session, Failure> {
+async fn connect(ctx: &Ctx, hops: &[Hop], source: &Source, tls: TlsMode, deadline: Instant) -> Result<Session, Failure> {
     let t = &ctx.config.timeouts;
     let mut last: Option<Failure> = None;
     let mut lookup_failure: Option<Reply> = None;
@@ -224,16 +386,20 @@ async fn connect(ctx: &Ctx, hops: &[Hop], deadline: Instant) -> Result<Session, 
             }
         };
         for ip in addrs {
-            if tried >= MAX_ADDRESSES || time_left(deadline) < t.setup_budget() + t.message_budget() {
+            // An IPv4 source cannot reach an IPv6 host and the other way round.
+            if source.bind.is_some_and(|b| b.is_ipv4() != ip.is_ipv4()) {
+                continue;
+            }
+            if tried >= MAX_ADDRESSES || time_left(deadline).is_zero() {
                 break 'hops;
             }
             tried += 1;
             let addr = SocketAddr::new(ip, hop.port);
-            let mut attempt = open(ctx, hop, addr, deadline, ctx.config.tls.mode != TlsMode::Disabled).await;
+            let mut attempt = open(ctx, hop, addr, source, tls, deadline, tls != TlsMode::Disabled).await;
             if let Err(f) = &attempt {
-                if f.tls_handshake && ctx.config.tls.mode == TlsMode::Opportunistic {
+                if f.tls_handshake && tls == TlsMode::Opportunistic {
                     tracing::debug!(host = %hop.name, %addr, reply = %f.reply, "TLS failed; retrying in plain text");
-                    attempt = open(ctx, hop, addr, deadline, false).await;
+                    attempt = open(ctx, hop, addr, source, tls, deadline, false).await;
                 }
             }
             match attempt {
@@ -249,23 +415,24 @@ async fn connect(ctx: &Ctx, hops: &[Hop], deadline: Instant) -> Result<Session, 
             }
         }
     }
+    let _ = t;
     Err(last.unwrap_or_else(|| {
-        let reply = lookup_failure
-            .unwrap_or_else(|| synthetic(451, (4, 4, 4), "no host to deliver to (lease time ran out)".to_string()));
+        let reply = lookup_failure.unwrap_or_else(|| synthetic(451, (4, 4, 4), "no host to deliver to".to_string()));
         Failure { reply, stage: Stage::Connect, via: Via::default(), try_next: false, tls_handshake: false }
     }))
 }
 
 /// Connects to one address: greeting, EHLO (HELO as fallback), STARTTLS when wanted.
-async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, deadline: Instant, use_tls: bool) -> Result<Session, Failure> {
+#[allow(clippy::too_many_arguments)]
+async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, source: &Source, tls: TlsMode, deadline: Instant, use_tls: bool) -> Result<Session, Failure> {
     let t = &ctx.config.timeouts;
-    let required = ctx.config.tls.mode == TlsMode::Required;
+    let required = tls == TlsMode::Required;
     let host = hop.name.as_str();
-    let via = Via { mx_host: Some(hop.name.clone()), tls: false, local_ip: None };
+    let via = Via { mx_host: Some(hop.name.clone()), tls: false, local_ip: source.bind, provider: None };
     let fail = |reply: Reply, stage: Stage, try_next: bool| Failure { reply, stage, via: via.clone(), try_next, tls_handshake: false };
     let wait = |d: Duration| d.min(time_left(deadline));
 
-    let mut client = SmtpClient::connect(addr, wait(t.connect))
+    let mut client = SmtpClient::connect_from(addr, source.bind, wait(t.connect))
         .await
         .map_err(|e| fail(synthetic(421, (4, 4, 1), format!("cannot connect to {host} [{addr}]: {e}")), Stage::Connect, true))?;
     metrics::counter!("sluice_smtp_connections_total").increment(1);
@@ -275,7 +442,7 @@ async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, deadline: Instant, use_tls
         4 => return Err(fail(banner, Stage::Connect, true)),
         _ => return Err(fail(banner, Stage::Connect, false)),
     }
-    greet(ctx, &mut client, host, deadline).await.map_err(|(r, next)| fail(r, Stage::Ehlo, next))?;
+    greet(ctx, &mut client, &source.ehlo, host, deadline).await.map_err(|(r, next)| fail(r, Stage::Ehlo, next))?;
 
     if use_tls && client.capabilities().starttls {
         let reply = client.command("STARTTLS", wait(t.tls)).await.map_err(|e| fail(client_failure(&e, host, "STARTTLS"), Stage::StartTls, true))?;
@@ -286,21 +453,20 @@ async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, deadline: Instant, use_tls
                 tls_handshake: true,
                 ..fail(client_failure(&e, host, "the TLS handshake"), Stage::StartTls, true)
             })?;
-            greet(ctx, &mut client, host, deadline).await.map_err(|(r, next)| fail(r, Stage::Ehlo, next))?;
+            greet(ctx, &mut client, &source.ehlo, host, deadline).await.map_err(|(r, next)| fail(r, Stage::Ehlo, next))?;
         } else if required {
             return Err(fail(synthetic(451, (4, 7, 10), format!("{host} refused STARTTLS ({reply}) and TLS is required")), Stage::StartTls, true));
         }
     } else if use_tls && required {
         return Err(fail(synthetic(451, (4, 7, 10), format!("{host} does not offer STARTTLS and TLS is required")), Stage::StartTls, true));
     }
-    let via = Via { mx_host: Some(hop.name.clone()), tls: client.is_tls(), local_ip: Some(client.local_addr().ip()) };
+    let via = Via { mx_host: Some(hop.name.clone()), tls: client.is_tls(), local_ip: Some(client.local_addr().ip()), provider: None };
     Ok(Session { client, via, sent: 0 })
 }
 
 /// EHLO, or HELO when EHLO is refused with 5xx. The error carries the reply and whether
 /// the next host is worth trying.
-async fn greet(ctx: &Ctx, client: &mut SmtpClient, host: &str, deadline: Instant) -> Result<(), (Reply, bool)> {
-    let name = &ctx.config.ehlo_hostname;
+async fn greet(ctx: &Ctx, client: &mut SmtpClient, name: &str, host: &str, deadline: Instant) -> Result<(), (Reply, bool)> {
     let wait = ctx.config.timeouts.ehlo.min(time_left(deadline));
     let reply = client.ehlo(name, wait).await.map_err(|e| (client_failure(&e, host, "EHLO"), true))?;
     let reply = match reply.class() {
@@ -323,22 +489,15 @@ async fn exchange(client: &mut SmtpClient, pipelined: bool, cmd: &str, timeout: 
     client.read_reply(timeout).await
 }
 
-/// One message: MAIL, RCPT per pending recipient, DATA, body (pipelined when the server
-/// allows). Returns the reply each pending recipient got, and whether the connection is
-/// broken afterwards.
-async fn transaction(ctx: &Ctx, session: &mut Session, msg: &Leased, deadline: Instant) -> (Vec<RcptReply>, bool) {
+/// One transaction: MAIL, RCPT for the recipients at `indices` (into `meta.recipients`),
+/// DATA, body (pipelined when the server allows). Returns the reply each of them got, and
+/// whether the connection is broken afterwards.
+async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire: &WireBody, indices: &[usize], deadline: Instant) -> (Vec<RcptReply>, bool) {
     let t = &ctx.config.timeouts;
-    let meta = &msg.meta;
     let host = session.via.mx_host.clone().unwrap_or_default();
     let caps = session.client.capabilities().clone();
     let wait = |d: Duration| d.min(time_left(deadline));
-    let rcpts: Vec<(usize, &str)> = meta
-        .recipients
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.state == RecipientState::Pending)
-        .map(|(i, r)| (i, r.address.as_str()))
-        .collect();
+    let rcpts: Vec<(usize, &str)> = indices.iter().map(|&i| (i, meta.recipients[i].address.as_str())).collect();
 
     if rcpts.is_empty() {
         // Nothing left to send (every recipient is final): settling completes it.
@@ -347,12 +506,11 @@ async fn transaction(ctx: &Ctx, session: &mut Session, msg: &Leased, deadline: I
     let needs_utf8 = !meta.mail_from.is_ascii() || rcpts.iter().any(|(_, a)| !a.is_ascii());
     if needs_utf8 && !caps.smtputf8 {
         let reply = synthetic(553, (5, 6, 7), format!("{host} does not support SMTPUTF8, which a non-ASCII address needs"));
-        return (for_all_pending(meta, &reply, Stage::Mail), false);
+        return (chunk_replies(indices, &reply, Stage::Mail), false);
     }
-    let wire = body::encode_off_reactor(meta.prepend_headers.clone(), msg.body.clone()).await;
     if let Some(limit) = caps.size.filter(|&l| l > 0 && wire.message_size as u64 > l) {
         let reply = synthetic(552, (5, 3, 4), format!("message of {} bytes exceeds the {limit}-byte limit of {host}", wire.message_size));
-        return (for_all_pending(meta, &reply, Stage::Mail), false);
+        return (chunk_replies(indices, &reply, Stage::Mail), false);
     }
 
     let mut mail = format!("MAIL FROM:<{}>", meta.mail_from);

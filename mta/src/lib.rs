@@ -13,9 +13,10 @@ mod delivery;
 pub mod dkim;
 mod outcome;
 mod route;
+pub mod shaping;
 pub mod smtp_client;
 mod tls;
 mod worker;
 
 pub use config::{MtaConfig, ResolverSettings, RetrySettings, Timeouts, TlsMode, TlsSettings};
-pub use worker::{Mta, MtaSetupError};
+pub use worker::{Mta, MtaControl, MtaSetupError};

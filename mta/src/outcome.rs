@@ -2,12 +2,13 @@
 //! delivered, failed or stay pending, the spool is updated and events are written.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use serde_json::Value;
 use sluice_events::{Event, EventKind};
-use sluice_rules::{Context, Disposition, Outcome, Reply, Stage};
+use sluice_rules::{Context, Disposition, Outcome, Reply, ShapingAction, Stage};
 use sluice_spool::{now_ms, Leased, MessageMeta, RecipientState, SpoolError, Suppression};
 
 use crate::config::RetrySettings;
@@ -28,6 +29,16 @@ pub(crate) struct Via {
     pub mx_host: Option<String>,
     pub tls: bool,
     pub local_ip: Option<IpAddr>,
+    /// The provider label of the path (for per-provider metrics).
+    pub provider: Option<Arc<str>>,
+}
+
+/// A shaping action a rule asked for after a reply: the path it came from carries it out.
+#[derive(Clone, Debug)]
+pub(crate) struct Feedback {
+    pub rule_id: String,
+    pub action: ShapingAction,
+    pub reply: String,
 }
 
 /// The wait before attempt `attempts + 1`: `initial × factor^(attempts-1)`, capped at
@@ -62,10 +73,23 @@ struct Decided {
     outcome: Outcome,
 }
 
+/// When `meta` expires: the earlier of its own stamp and `created + retry.max_age`.
+pub(crate) fn expires_at(ctx: &Ctx, meta: &MessageMeta) -> u64 {
+    let max_age_ms = ctx.config.retry.max_age.as_millis() as u64;
+    meta.expires_at.min(meta.created_at.saturating_add(max_age_ms))
+}
+
 /// Applies the replies of one attempt to a leased message and hands it back to the spool:
 /// completed when every recipient is final, otherwise rescheduled with backoff, or bounced
-/// with 4.4.7 when the next attempt would come after the message expires.
-pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, via: &Via) {
+/// with 4.4.7 when the next attempt would come after the message expires. Returns the
+/// shaping actions the rules asked for (one per rule), for the path to carry out.
+pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, via: &Via) -> Vec<Feedback> {
+    let feedback = settle_inner(ctx, leased, replies, via).await;
+    ctx.done_with(1);
+    feedback
+}
+
+async fn settle_inner(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, via: &Via) -> Vec<Feedback> {
     let Leased { lease, mut meta, .. } = leased;
     let domain = meta.queue.clone();
     let attempt = meta.attempts + 1;
@@ -79,9 +103,14 @@ pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, v
     let now = now_ms();
     let retrying: Vec<&Decided> = decided.iter().filter(|d| d.outcome.disposition == Disposition::Retry).collect();
     let next_due = now + backoff(&ctx.config.retry, attempt).as_millis() as u64;
-    let max_age_ms = ctx.config.retry.max_age.as_millis() as u64;
-    let expires = meta.expires_at.min(meta.created_at.saturating_add(max_age_ms));
+    let expires = expires_at(ctx, &meta);
     let expired = !retrying.is_empty() && next_due > expires;
+    let mut feedback: Vec<Feedback> = Vec::new();
+    for d in &decided {
+        if !d.outcome.shaping.is_none() && !feedback.iter().any(|f| f.rule_id == d.outcome.rule_id) {
+            feedback.push(Feedback { rule_id: d.outcome.rule_id.clone(), action: d.outcome.shaping.clone(), reply: d.reply.to_string() });
+        }
+    }
 
     let mut events = Vec::with_capacity(decided.len());
     let mut suppress = Vec::new();
@@ -175,6 +204,14 @@ pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, v
         metrics::counter!("sluice_deferred_total").increment(deferred);
         metrics::counter!("sluice_bounced_total").increment(bounced);
     }
+    if let Some(p) = &via.provider {
+        for (outcome, n) in [("delivered", delivered), ("deferred", deferred), ("bounced", bounced)] {
+            if n > 0 {
+                metrics::counter!("sluice_provider_recipients_total", "provider" => p.to_string(), "outcome" => outcome).increment(n);
+            }
+        }
+    }
+    feedback
 }
 
 fn bounce_event(meta: &MessageMeta, address: &str, reason: String, status: String, kind: &str, outcome: &Outcome) -> Event {
@@ -190,12 +227,34 @@ fn bounce_event(meta: &MessageMeta, address: &str, reason: String, status: Strin
 /// Puts a message back untouched and due now: it was leased but never tried (shutdown, or
 /// too little lease time left), so it does not count as an attempt.
 pub(crate) async fn release(ctx: &Ctx, leased: Leased) {
+    put_back(ctx, leased, now_ms(), None).await;
+}
+
+/// Puts a message back untried, due at `due` (a suspension's end), noting why in its last reply.
+pub(crate) async fn untried_until(ctx: &Ctx, leased: Leased, due: u64, why: &str) {
+    put_back(ctx, leased, due, Some(why)).await;
+}
+
+async fn put_back(ctx: &Ctx, leased: Leased, due: u64, why: Option<&str>) {
     let Leased { lease, mut meta, .. } = leased;
-    meta.due_at = now_ms();
+    meta.due_at = due;
+    if let Some(why) = why {
+        meta.last_reply = Some(why.to_string());
+    }
     match ctx.spool.reschedule(&lease, meta).await {
         Ok(()) | Err(SpoolError::LeaseLost(_)) => {}
         Err(e) => tracing::warn!(id = %lease.id, error = %e, "cannot release a leased message; it returns when its lease runs out"),
     }
+    ctx.done_with(1);
+}
+
+/// Defers (or bounces, per the rules) a message with the failure that made its site
+/// unreachable. The path's shaping is not fed again: that failure was counted once when it
+/// happened.
+pub(crate) async fn settle_failure(ctx: &Ctx, leased: Leased, failure: &crate::shaping::ConnectFailure, path: &crate::shaping::Path) {
+    let replies = for_all_pending(&leased.meta, &failure.reply, failure.stage);
+    let via = Via { provider: Some(path.metric_label().into()), ..failure.via.clone() };
+    settle(ctx, leased, replies, &via).await;
 }
 
 #[cfg(test)]

@@ -6,14 +6,14 @@
 //! replies; the delivery logic decides what to send.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls_pki_types::ServerName;
 use sluice_rules::{Reply, ReplyError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -101,7 +101,23 @@ impl SmtpClient {
     ///
     /// [`read_reply`]: SmtpClient::read_reply
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SmtpClient, ClientError> {
-        let tcp = within(timeout, async { Ok(TcpStream::connect(addr).await?) }).await?;
+        Self::connect_from(addr, None, timeout).await
+    }
+
+    /// [`SmtpClient::connect`] from the local address `source` (an egress IP); `None` lets
+    /// the OS choose.
+    pub async fn connect_from(addr: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> Result<SmtpClient, ClientError> {
+        let tcp = within(timeout, async {
+            Ok(match source {
+                None => TcpStream::connect(addr).await?,
+                Some(ip) => {
+                    let sock = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                    sock.bind(SocketAddr::new(ip, 0))?;
+                    sock.connect(addr).await?
+                }
+            })
+        })
+        .await?;
         tcp.set_nodelay(true)?;
         let local = tcp.local_addr()?;
         Ok(SmtpClient { stream: Either::Left(tcp), rbuf: BytesMut::with_capacity(4096), local, peer: addr, caps: Capabilities::default() })

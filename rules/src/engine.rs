@@ -104,4 +104,12 @@ impl Classify for Engine {
     fn classify(&self, reply: &Reply, ctx: &Context<'_>) -> Outcome {
         self.current.load().classify(reply, ctx)
     }
+
+    fn provider_of(&self, mx_host: Option<&str>, domain: Option<&str>) -> Option<String> {
+        self.current.load().provider_of(mx_host, domain)
+    }
+
+    fn has_provider(&self, id: &str) -> bool {
+        self.current.load().has_provider(id)
+    }
 }

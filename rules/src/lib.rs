@@ -18,6 +18,7 @@ mod error;
 mod outcome;
 pub mod pattern;
 pub mod provider;
+mod rate;
 mod reply;
 mod source;
 mod table;
@@ -29,6 +30,7 @@ pub use engine::{Engine, Reloaded};
 pub use error::{Diagnostic, TableError};
 pub use outcome::{BounceClass, Disposition, Outcome, ShapingAction, Threshold};
 pub use provider::{Provider, Providers};
+pub use rate::Rate;
 pub use reply::{EnhancedCode, Reply, ReplyError, Stage};
 pub use source::{default_sources, read_sources, version_of, Location, ReadError, Source, DEFAULT_TABLE};
 pub use table::{Candidate, Decider, Example, Explanation, Rule, Table, TextPattern};
@@ -53,4 +55,15 @@ pub struct Context<'a> {
 /// reply to every recipient. The outcome names the rule and the table version that decided.
 pub trait Classify: Send + Sync {
     fn classify(&self, reply: &Reply, ctx: &Context<'_>) -> Outcome;
+
+    /// The id of the provider (from the table's `[[provider]]` data) behind a destination:
+    /// by MX host first, else by recipient domain. Traffic shaping groups paths by it.
+    fn provider_of(&self, _mx_host: Option<&str>, _domain: Option<&str>) -> Option<String> {
+        None
+    }
+
+    /// Whether the table defines a provider with this id.
+    fn has_provider(&self, _id: &str) -> bool {
+        false
+    }
 }

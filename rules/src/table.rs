@@ -445,4 +445,12 @@ impl Classify for Table {
             }
         }
     }
+
+    fn provider_of(&self, mx_host: Option<&str>, domain: Option<&str>) -> Option<String> {
+        self.providers.identify(mx_host, domain).map(|i| self.providers.get(i).id.clone())
+    }
+
+    fn has_provider(&self, id: &str) -> bool {
+        self.providers.index_of(id).is_some()
+    }
 }

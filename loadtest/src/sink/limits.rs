@@ -3,63 +3,22 @@
 //! time and per connection (refused at MAIL, then the connection is closed).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 
 use super::scenario::ReplySpec;
 
-/// `N/period`: at most N events per period, in bursts of up to N (a token bucket that holds
-/// N tokens and refills one every period/N). Written `"100/s"`, `"600/min"`, `"3/h"`,
-/// `"10/5s"` (the period is a humantime duration; a bare unit means one of it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub struct Rate {
-    pub count: u32,
-    pub per: Duration,
-}
+pub use sluice_rules::Rate;
 
-impl FromStr for Rate {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (count, per) = s.split_once('/').ok_or_else(|| format!("rate {s:?}: expected N/period, e.g. \"100/s\""))?;
-        let count: u32 = count.trim().parse().map_err(|_| format!("rate {s:?}: {count:?} is not a whole number"))?;
-        let per = per.trim();
-        let period = humantime::parse_duration(per)
-            .or_else(|_| humantime::parse_duration(&format!("1{per}")))
-            .map_err(|_| format!("rate {s:?}: {per:?} is not a period like s, min, h or 10s"))?;
-        if count == 0 || period.is_zero() {
-            return Err(format!("rate {s:?}: the count and the period must be more than zero"));
-        }
-        Ok(Rate { count, per: period })
-    }
-}
-
-impl TryFrom<String> for Rate {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
-    }
-}
-
-impl Rate {
-    fn quota(&self) -> Quota {
-        let burst = NonZeroU32::new(self.count).expect("validated: count > 0");
-        let interval = (self.per / self.count).max(Duration::from_nanos(1));
-        Quota::with_period(interval).expect("interval > 0").allow_burst(burst)
-    }
+/// A token bucket that holds `count` tokens and refills one every `per / count`, so bursts of
+/// up to `count` pass.
+fn quota(rate: &Rate) -> Quota {
+    let burst = NonZeroU32::new(rate.count).expect("a Rate's count is > 0");
+    Quota::with_period(rate.interval()).expect("interval > 0").allow_burst(burst)
 }
 
 /// The limits of one mock ISP, per client IP. All are off by default.
@@ -123,6 +82,8 @@ impl Limits {
 pub(crate) struct Limiter {
     limits: Limits,
     open: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    /// The most connections each IP had open at once, for tests that check a sender's limits.
+    peaks: Mutex<HashMap<IpAddr, u32>>,
     connections: Option<DefaultKeyedRateLimiter<IpAddr>>,
     messages: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
@@ -148,23 +109,29 @@ impl Drop for ConnectionSlot {
 impl Limiter {
     pub fn new(limits: Limits) -> Limiter {
         Limiter {
-            connections: limits.connection_rate.map(|r| RateLimiter::keyed(r.quota())),
-            messages: limits.message_rate.map(|r| RateLimiter::keyed(r.quota())),
+            connections: limits.connection_rate.map(|r| RateLimiter::keyed(quota(&r))),
+            messages: limits.message_rate.map(|r| RateLimiter::keyed(quota(&r))),
             open: Arc::new(Mutex::new(HashMap::new())),
+            peaks: Mutex::new(HashMap::new()),
             limits,
         }
     }
 
     /// Admits a new connection from `ip`, or returns the refusal to send.
     pub fn admit_connection(&self, ip: IpAddr) -> Result<ConnectionSlot, &ReplySpec> {
-        {
+        let now_open = {
             let mut open = self.open.lock().expect("limits lock");
             let n = open.entry(ip).or_insert(0);
             if self.limits.max_connections.is_some_and(|max| *n >= max) {
                 return Err(&self.limits.connection_reply);
             }
             *n += 1;
-        }
+            *n
+        };
+        let mut peaks = self.peaks.lock().expect("limits lock");
+        let peak = peaks.entry(ip).or_insert(0);
+        *peak = (*peak).max(now_open);
+        drop(peaks);
         let slot = ConnectionSlot { ip, open: self.open.clone() };
         if let Some(rate) = &self.connections {
             if rate.check_key(&ip).is_err() {
@@ -172,6 +139,10 @@ impl Limiter {
             }
         }
         Ok(slot)
+    }
+
+    pub fn peaks(&self) -> HashMap<IpAddr, u32> {
+        self.peaks.lock().expect("limits lock").clone()
     }
 
     /// Admits the `nth` message (1-based) of a connection from `ip`, or returns the refusal.
@@ -191,18 +162,6 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rates_parse_in_several_spellings() {
-        let r: Rate = "100/s".parse().unwrap();
-        assert_eq!((r.count, r.per), (100, Duration::from_secs(1)));
-        assert_eq!("600/min".parse::<Rate>().unwrap().per, Duration::from_secs(60));
-        assert_eq!("3/h".parse::<Rate>().unwrap().per, Duration::from_secs(3600));
-        assert_eq!("10/5s".parse::<Rate>().unwrap().per, Duration::from_secs(5));
-        for bad in ["100", "0/s", "x/s", "5/fortnight", "5/0s"] {
-            assert!(bad.parse::<Rate>().is_err(), "{bad} should not parse");
-        }
-    }
 
     #[test]
     fn connection_limits_count_open_connections_per_ip() {

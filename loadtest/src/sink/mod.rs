@@ -94,6 +94,8 @@ pub struct ReceivedMessage {
     pub rcpt_to: Vec<String>,
     /// The message as received, dot-unstuffed, ending with CRLF.
     pub data: Bytes,
+    /// When the sink accepted it (after the end-of-data reply was chosen).
+    pub at: std::time::Instant,
 }
 
 /// Counters since start.
@@ -243,6 +245,11 @@ impl Sink {
 
     pub fn stats(&self) -> SinkStats {
         self.shared.stats.lock().expect("sink lock").clone()
+    }
+
+    /// The most connections each client IP had open at once (refused ones not counted).
+    pub fn peak_connections(&self) -> HashMap<std::net::IpAddr, u32> {
+        self.shared.limiter.peaks()
     }
 
     /// Where this sink's accepted messages are tracked (shared with its fleet).

@@ -405,6 +405,7 @@ impl Session {
                     mail_from: txn.mail_from,
                     rcpt_to: txn.rcpt_to,
                     data: Bytes::from(body),
+                    at: std::time::Instant::now(),
                 });
                 Flow::Continue
             }
