@@ -262,22 +262,36 @@ async fn serve(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, session: &mut Sess
             settle(ctx, msg, replies, &Via { provider: session.via.provider.clone(), ..Via::default() }).await;
             continue;
         }
-        if !wait_for_rate(ctx, path, deadline).await {
-            // Shutdown, a suspension, or the lease would run out first: not an attempt.
-            match path.suspended_until(now_ms()) {
-                Some(until) => hold_for_suspension(ctx, msg, path, until).await,
-                None => release(ctx, msg).await,
-            }
+        let pending: Vec<usize> =
+            msg.meta.recipients.iter().enumerate().filter(|(_, r)| r.state == RecipientState::Pending).map(|(i, _)| i).collect();
+        let per_tx = rcpts_per_tx.max(1);
+        let transactions = pending.len().div_ceil(per_tx).max(1);
+        if session.sent > 0 && session.sent + transactions > max_messages {
+            // Its transactions do not fit in what this connection may still carry: a new
+            // connection takes it (one that has sent nothing takes any message).
+            path.push_front(site, msg);
             return Ended::Done;
         }
         let started = std::time::Instant::now();
-        let wire = body::encode_off_reactor(msg.meta.prepend_headers.clone(), msg.body.clone()).await;
-        let pending: Vec<usize> =
-            msg.meta.recipients.iter().enumerate().filter(|(_, r)| r.state == RecipientState::Pending).map(|(i, _)| i).collect();
+        let mut wire: Option<WireBody> = None;
         let mut replies = Vec::with_capacity(pending.len());
         let mut broken = false;
-        for (n, chunk) in pending.chunks(rcpts_per_tx.max(1)).enumerate() {
-            if session.sent > 0 || n > 0 {
+        for (n, chunk) in pending.chunks(per_tx).enumerate() {
+            // Every transaction waits for the path's message rate (providers count MAIL commands).
+            if !wait_for_rate(ctx, path, deadline).await {
+                if n == 0 {
+                    // Shutdown, a suspension, or the lease would run out first: not an attempt.
+                    match path.suspended_until(now_ms()) {
+                        Some(until) => hold_for_suspension(ctx, msg, path, until).await,
+                        None => release(ctx, msg).await,
+                    }
+                    return Ended::Done;
+                }
+                let reply = synthetic(451, (4, 4, 5), "not tried: the sending rate did not allow it before the lease ended".to_string());
+                replies.extend(chunk_replies(&pending[n * per_tx..], &reply, Stage::Mail));
+                break;
+            }
+            if session.sent > 0 {
                 let host = session.via.mx_host.clone().unwrap_or_default();
                 match session.client.command("RSET", t.mail.min(time_left(deadline))).await {
                     Ok(r) if r.class() == 2 => {}
@@ -285,20 +299,25 @@ async fn serve(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, session: &mut Sess
                         tracing::debug!(host, ?outcome, "RSET failed; closing the connection");
                         if n == 0 {
                             // Nothing was tried: the message waits for the next connection.
-                            path.push(site, msg);
+                            path.push_front(site, msg);
                             return Ended::Broken;
                         }
                         let reply = synthetic(421, (4, 4, 2), format!("{host} did not accept RSET between transactions"));
-                        replies.extend(chunk_replies(&pending[n * rcpts_per_tx.max(1)..], &reply, Stage::Mail));
+                        replies.extend(chunk_replies(&pending[n * per_tx..], &reply, Stage::Mail));
                         broken = true;
                         break;
                     }
                 }
             }
-            let (r, b) = transaction(ctx, session, &msg.meta, &wire, chunk, deadline).await;
+            if wire.is_none() {
+                wire = Some(body::encode_off_reactor(msg.meta.prepend_headers.clone(), msg.body.clone()).await);
+            }
+            let (r, b) = transaction(ctx, session, &msg.meta, wire.as_ref().expect("encoded above"), chunk, deadline).await;
+            session.sent += 1;
+            path.sent.fetch_add(1, Ordering::Relaxed);
             replies.extend(r);
             if b {
-                let rest = &pending[((n + 1) * rcpts_per_tx.max(1)).min(pending.len())..];
+                let rest = &pending[((n + 1) * per_tx).min(pending.len())..];
                 if !rest.is_empty() {
                     let reply = synthetic(421, (4, 4, 2), "the connection broke before these recipients were tried".to_string());
                     replies.extend(chunk_replies(rest, &reply, Stage::Mail));
@@ -308,8 +327,6 @@ async fn serve(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, session: &mut Sess
             }
         }
         metrics::histogram!("sluice_delivery_attempt_seconds").record(started.elapsed().as_secs_f64());
-        session.sent += 1;
-        path.sent.fetch_add(1, Ordering::Relaxed);
         let feedback = settle(ctx, msg, replies, &session.via).await;
         if !feedback.is_empty() {
             apply_feedback(ctx, path, feedback).await;

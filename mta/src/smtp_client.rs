@@ -238,9 +238,20 @@ impl SmtpClient {
         Ok(SmtpClient { stream: Either::Right(tls), rbuf: BytesMut::with_capacity(4096), local: self.local, peer: self.peer, caps: Capabilities::default() })
     }
 
-    /// Says QUIT and waits briefly for the answer; errors do not matter any more.
+    /// Says QUIT, waits briefly for the answer and for the server to close (RFC 5321
+    /// §4.1.1.10: it closes after its reply), so the connection is gone on both sides when
+    /// this returns and a server's per-IP connection count is down again. Errors do not
+    /// matter any more.
     pub async fn quit(mut self, timeout: Duration) {
-        let _ = self.command("QUIT", timeout).await;
+        if self.command("QUIT", timeout).await.is_ok() {
+            let mut scratch = [0u8; 512];
+            let stream = &mut self.stream;
+            let _ = within(timeout, async {
+                while stream.read(&mut scratch).await? > 0 {}
+                Ok(())
+            })
+            .await;
+        }
         let _ = within(timeout, async { Ok(self.stream.shutdown().await?) }).await;
     }
 

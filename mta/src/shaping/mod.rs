@@ -45,11 +45,20 @@ pub struct ShapingSettings {
     /// Most messages in one path's ready queues (less when the path has a message rate:
     /// about 30 seconds of sending).
     pub max_ready_per_path: usize,
+    /// While a destination is skipped (suspended, or its queues full), its oldest mail is
+    /// still looked at this often, so what expires meanwhile bounces on time.
+    #[serde(with = "humantime_serde")]
+    pub expiry_check: Duration,
 }
 
 impl Default for ShapingSettings {
     fn default() -> Self {
-        ShapingSettings { files: vec![PathBuf::from(DEFAULT_SHAPING)], max_ready: 10_000, max_ready_per_path: 1_000 }
+        ShapingSettings {
+            files: vec![PathBuf::from(DEFAULT_SHAPING)],
+            max_ready: 10_000,
+            max_ready_per_path: 1_000,
+            expiry_check: Duration::from_secs(300),
+        }
     }
 }
 
@@ -65,6 +74,9 @@ impl ShapingSettings {
         }
         if self.max_ready == 0 || self.max_ready_per_path == 0 {
             return Err("shaping.max_ready and shaping.max_ready_per_path: must be at least 1".into());
+        }
+        if self.expiry_check.is_zero() {
+            return Err("shaping.expiry_check: must be longer than 0s".into());
         }
         Ok(())
     }
@@ -93,10 +105,7 @@ struct Gate {
     probed_at: std::sync::atomic::AtomicU64,
 }
 
-/// While a domain is skipped, the lease filter still lets it through this often, so mail
-/// that expires while it waits bounces at its time instead of when the suspension ends (one
-/// lease's worth of the oldest mail per domain each time, never a scan of the backlog).
-const EXPIRY_PROBE_MS: u64 = 5 * 60_000;
+
 
 type PathKey = (Arc<str>, Arc<str>);
 
@@ -213,11 +222,14 @@ impl Shaping {
         !paths.is_empty() && paths.iter().all(|p| p.blocked(now))
     }
 
-    /// The spool filter: lease only from domains with room on some path (and, now and then,
-    /// from a blocked one for the expiry check).
+    /// The spool filter: lease only from domains with room on some path. A blocked domain is
+    /// still let through once per `expiry_check`, so mail that expires while it waits
+    /// bounces at its time rather than when the block ends: one lease's worth of its oldest
+    /// mail each time, never a scan of the backlog.
     pub fn lease_filter(self: &Arc<Self>) -> QueueFilter {
         let me = self.clone();
         let now = now_ms();
+        let probe_ms = self.settings.expiry_check.as_millis() as u64;
         Arc::new(move |queue: &str| {
             if !me.domain_blocked(queue, now) {
                 return true;
@@ -229,7 +241,7 @@ impl Shaping {
                 gate.probed_at.store(now, Ordering::Relaxed);
                 return false;
             }
-            now.saturating_sub(last) >= EXPIRY_PROBE_MS && gate.probed_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            now.saturating_sub(last) >= probe_ms && gate.probed_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         })
     }
 

@@ -203,6 +203,11 @@ impl Site {
         self.ready.notify_one();
     }
 
+    fn push_front(&self, msg: Leased) {
+        self.queue.lock().expect("site lock").push_front(msg);
+        self.ready.notify_one();
+    }
+
     fn try_pop(&self) -> Option<Leased> {
         self.queue.lock().expect("site lock").pop_front()
     }
@@ -458,6 +463,12 @@ impl Path {
         self.queued.fetch_add(1, Ordering::Relaxed);
         self.last_used.store(now_ms(), Ordering::Relaxed);
         site.push(msg);
+    }
+
+    /// Puts a message that was taken but not tried back at the head of its queue.
+    pub(crate) fn push_front(&self, site: &Site, msg: Leased) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        site.push_front(msg);
     }
 
     /// The next message for `site`, waiting up to `idle` for one. `None` after the wait, or
