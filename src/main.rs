@@ -1,5 +1,6 @@
 //! The `sluice` binary: runs the edge and/or the MTA (`sluice serve`) and the operators'
-//! tools (`sluice apikey`, `sluice dkim`, `sluice config check`, `sluice rules ...`).
+//! tools (`sluice apikey`, `sluice dkim`, `sluice config check`, `sluice rules ...`,
+//! `sluice shaping ...`).
 
 mod apikey;
 mod config;
@@ -7,6 +8,8 @@ mod dkim_cli;
 mod rules_cli;
 mod rules_reload;
 mod serve;
+mod shaping_admin;
+mod shaping_cli;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -51,6 +54,11 @@ enum Command {
         #[command(subcommand)]
         command: rules_cli::RulesCommand,
     },
+    /// Traffic shaping of a running MTA: status, suspend, resume, explain (docs/shaping.md).
+    Shaping {
+        #[command(subcommand)]
+        command: shaping_cli::ShapingCommand,
+    },
     /// Check a config file and exit: prints the first bad key and why.
     Config {
         #[command(subcommand)]
@@ -71,6 +79,7 @@ fn main() -> ExitCode {
         Command::Apikey { command } => apikey::run(command),
         Command::Dkim { command } => dkim_cli::run(command),
         Command::Rules { command } => rules_cli::run(command),
+        Command::Shaping { command } => shaping_cli::run(command),
         Command::Config { command: ConfigCommand::Check { file } } => config::Config::load(Some(&file))
             .map_err(anyhow::Error::from)
             .and_then(|c| dkim_cli::check_keys(&c))

@@ -13,7 +13,7 @@ use sluice_edge::smtp::SmtpServer;
 use sluice_edge::{ApiKeys, Ingest, Tenant};
 use sluice_events::EventLog;
 use sluice_mta::dkim::DkimSigning;
-use sluice_mta::Mta;
+use sluice_mta::{Mta, MtaControl};
 use sluice_rules::{Classify, Engine};
 use sluice_spool::{LocalSpool, LocalSpoolOptions, Spool, SuppressionList};
 use tokio::net::TcpListener;
@@ -116,11 +116,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         false => None,
     };
 
-    let admin = bind(config.admin.listen, "admin.listen").await?;
-    let admin_addr = admin.local_addr()?;
-    tasks.spawn(serve_admin(admin, metrics, spool.clone(), engine.clone(), cancel.clone()));
-
     let mut waker = None;
+    let mut control = None;
     if config.role.runs_mta() {
         let dkim = DkimSigning::load(&config.dkim).context("cannot set up DKIM signing (section [dkim])")?;
         let mta = Mta::new(config.mta.clone(), spool.clone(), events.clone(), classifier.clone())
@@ -128,6 +125,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .with_suppressions(opened.suppressions.clone())
             .with_dkim(Arc::new(dkim));
         waker = Some(mta.waker());
+        control = Some(mta.control());
         let cancel = cancel.clone();
         tasks.spawn(async move {
             mta.run(cancel).await;
@@ -167,6 +165,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let c = cancel.clone();
         tasks.spawn(async move { smtp.serve(smtp_listener, c).await.context("SMTP edge failed") });
     }
+    // SIGHUP reloads the shaping data too (the rules are reloaded by `reload_on_sighup`).
+    if let Some(c) = control.clone() {
+        tasks.spawn(reload_shaping_on_sighup(c, cancel.clone()));
+    }
+    let admin = bind(config.admin.listen, "admin.listen").await?;
+    let admin_addr = admin.local_addr()?;
+    tasks.spawn(serve_admin(admin, metrics, spool.clone(), engine.clone(), control, cancel.clone()));
     listening.push(format!("admin={admin_addr}"));
     tracing::info!(
         role = ?config.role,
@@ -214,13 +219,29 @@ async fn shutdown_signal() {
     }
 }
 
-/// `/metrics` (Prometheus), `/healthz`, `/admin/spool` (counts by state, JSON), and
-/// `GET`/`POST /admin/rules[/reload]` (the table in use; reload it).
+async fn reload_shaping_on_sighup(control: MtaControl, cancel: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = hup.recv() => match control.reload().await {
+                Ok(version) => tracing::info!(trigger = "SIGHUP", version, "shaping data reloaded"),
+                Err(e) => tracing::error!(trigger = "SIGHUP", error = %e, "shaping data NOT reloaded; the previous data stays"),
+            },
+        }
+    }
+}
+
+/// `/metrics` (Prometheus), `/healthz`, `/admin/spool` (counts by state, JSON),
+/// `GET`/`POST /admin/rules[/reload]` (the table in use; reload it) and `/admin/shaping/...`
+/// (see `shaping_admin.rs`).
 async fn serve_admin(
     listener: TcpListener,
     metrics: PrometheusHandle,
     spool: Arc<dyn Spool>,
     engine: Arc<Engine>,
+    control: Option<MtaControl>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     // Queue-depth gauges, refreshed in the background: counting can be a scan (RADOS).
@@ -263,6 +284,7 @@ async fn serve_admin(
             }),
         )
         .route("/admin/rules/reload", post(move || reload_rules(reload_engine.clone())))
+        .merge(crate::shaping_admin::routes(control))
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/admin/spool",

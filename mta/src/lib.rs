@@ -19,4 +19,4 @@ mod tls;
 mod worker;
 
 pub use config::{MtaConfig, ResolverSettings, RetrySettings, Timeouts, TlsMode, TlsSettings};
-pub use worker::{Mta, MtaControl, MtaSetupError};
+pub use worker::{explain_offline, Mta, MtaControl, MtaSetupError};

@@ -261,6 +261,27 @@ impl MtaControl {
     }
 }
 
+/// Which limits would apply to mail for `domain` under `config`, without a running MTA
+/// (`sluice shaping explain --offline`): looks up the MX with the configured resolver
+/// unless `mx` is given.
+pub async fn explain_offline(
+    config: &MtaConfig,
+    classify: Arc<dyn Classify>,
+    domain: &str,
+    mx: Option<&str>,
+    pool: Option<&str>,
+) -> Result<Explanation, MtaSetupError> {
+    config.validate().map_err(MtaSetupError::Config)?;
+    let egress = Egress::new(&config.egress, &config.ehlo_hostname);
+    let shaping = Shaping::load(config.base_limits(), config.shaping.clone(), egress, classify)?;
+    let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+    let mx = match mx {
+        Some(m) => Some(m.to_string()),
+        None => Router::new(config)?.hops(&domain).await.ok().and_then(|h| h.first().map(|h| h.name.clone())),
+    };
+    Ok(shaping.explain(&domain, mx.as_deref(), pool))
+}
+
 /// Every second: ends throttles and suspensions that ran out, hands back mail whose lease
 /// is about to end before it could be sent, updates gauges, and starts connections a path
 /// is owed (a safety net: pushes and closing connections normally do that).
