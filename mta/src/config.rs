@@ -414,10 +414,21 @@ mod tests {
             initial = "1s"
             [timeouts]
             end_of_data = "90s"
+            [shaping]
+            files = ["@default"]
+            expiry_check = "1m"
+            [egress.pools.main]
+            sources = [{ ip = "127.0.0.2", ehlo = "out2.example.com" }]
             "#,
         )
         .unwrap();
         c.validate().unwrap();
+        assert_eq!(c.shaping.expiry_check, Duration::from_secs(60));
+        assert_eq!(c.egress.pools["main"].sources[0].ehlo.as_deref(), Some("out2.example.com"));
+        let bad: MtaConfig = toml::from_str("[egress.pools.main]\nsources = []").unwrap();
+        assert!(bad.validate().unwrap_err().starts_with("egress.pools.main.sources:"));
+        let bad = MtaConfig { max_connections_per_path: 0, ..MtaConfig::default() };
+        assert!(bad.validate().unwrap_err().starts_with("max_connections_per_path:"));
         assert_eq!(c.tls.mode, TlsMode::Required);
         assert_eq!(c.retry.initial, Duration::from_secs(1));
         assert_eq!(c.resolver.nameservers[0].port(), 5300);

@@ -509,3 +509,112 @@ async fn mail_never_waits_in_a_ready_queue_past_its_lease() {
     cancel.cancel();
     handle.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_is_chosen_by_the_message_its_tenant_or_the_default() {
+    let sink = SinkConfig { hostname: "mx.fastisp.test".into(), scenario: Scenario::accept_all(), ..SinkConfig::default() };
+    let isps = Isps::start(vec![("fastisp", Ipv4Addr::new(127, 0, 0, 2), sink)]).await;
+    let mut config = isps.config("");
+    config.egress = toml::from_str(
+        r#"
+        default_pool = "bulk"
+        [pools.bulk]
+        sources = [{ ip = "127.0.0.10", ehlo = "bulk.mta.test" }]
+        [pools.transactional]
+        sources = [{ ip = "127.0.0.20", ehlo = "tx.mta.test" }]
+        [tenants]
+        "apikey:shop" = "transactional"
+        "#,
+    )
+    .unwrap();
+    let (_control, cancel, handle) = isps.run(config);
+    let mut named = message("fastisp.test", &["named@fastisp.test"], "Message-ID: <named@t>\r\n\r\nx\r\n");
+    named.meta.ip_pool = Some("transactional".into());
+    let mut tenant = message("fastisp.test", &["tenant@fastisp.test"], "Message-ID: <tenant@t>\r\n\r\nx\r\n");
+    tenant.meta.tenant = "apikey:shop".into();
+    let plain = message("fastisp.test", &["plain@fastisp.test"], "Message-ID: <plain@t>\r\n\r\nx\r\n");
+    let mut unknown = message("fastisp.test", &["unknown@fastisp.test"], "Message-ID: <unknown@t>\r\n\r\nx\r\n");
+    unknown.meta.ip_pool = Some("no-such-pool".into());
+    isps.spool.enqueue(vec![named, tenant, plain, unknown]).await.unwrap();
+    let sink = isps.sink("fastisp");
+    assert!(sink.wait_for_messages(4, Duration::from_secs(30)).await);
+    let from: HashMap<String, (String, String)> =
+        sink.messages().iter().map(|m| (m.rcpt_to[0].clone(), (m.peer.ip().to_string(), m.helo.clone()))).collect();
+    assert_eq!(from["named@fastisp.test"], ("127.0.0.20".into(), "tx.mta.test".into()), "the pool the message names");
+    assert_eq!(from["tenant@fastisp.test"], ("127.0.0.20".into(), "tx.mta.test".into()), "the tenant's pool");
+    assert_eq!(from["plain@fastisp.test"], ("127.0.0.10".into(), "bulk.mta.test".into()), "the default pool");
+    assert_eq!(from["unknown@fastisp.test"].0, "127.0.0.10", "a pool that does not exist falls back to the default");
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_path_follows_its_own_tls_policy() {
+    // Both mock ISPs offer STARTTLS; `limited` has TLS disabled in the shaping data, `blocky`
+    // requires it, and `fastisp` (no STARTTLS) requires it too: its mail is deferred.
+    let tls_sink = |host: &str| SinkConfig { hostname: host.into(), starttls: true, scenario: Scenario::accept_all(), ..SinkConfig::default() };
+    let plain = SinkConfig { hostname: "mx.fastisp.test".into(), scenario: Scenario::accept_all(), ..SinkConfig::default() };
+    let isps = Isps::start(vec![
+        ("limited", Ipv4Addr::new(127, 0, 0, 2), tls_sink("mx.limited.test")),
+        ("blocky", Ipv4Addr::new(127, 0, 0, 3), tls_sink("mx.blocky.test")),
+        ("fastisp", Ipv4Addr::new(127, 0, 0, 4), plain),
+    ])
+    .await;
+    let config = isps.config("[provider.limited]\ntls = \"disabled\"\n[provider.blocky]\ntls = \"required\"\n[provider.fastisp]\ntls = \"required\"\n");
+    let (_control, cancel, handle) = isps.run(config);
+    isps.enqueue("limited", 2, 1).await;
+    isps.enqueue("blocky", 2, 1).await;
+    isps.enqueue("fastisp", 1, 1).await;
+    assert!(isps.sink("limited").wait_for_messages(2, Duration::from_secs(30)).await);
+    assert!(isps.sink("blocky").wait_for_messages(2, Duration::from_secs(30)).await);
+    assert!(isps.sink("limited").messages().iter().all(|m| !m.tls), "tls = disabled: plain text although STARTTLS is offered");
+    assert!(isps.sink("blocky").messages().iter().all(|m| m.tls), "tls = required: over TLS");
+    wait_until("the message to the ISP without STARTTLS is deferred", Duration::from_secs(30), || {
+        isps.events().iter().any(|e| e["email"].as_str().is_some_and(|a| a.ends_with("@fastisp.test")) && e["event"] == "deferred")
+    })
+    .await;
+    assert_eq!(isps.sink("fastisp").stats().messages, 0);
+    cancel.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_destination_costs_a_few_connection_attempts_not_one_per_message() {
+    // An MX that accepts TCP connections and closes them at once, counting them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.5:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            drop(s);
+        }
+    });
+    let dns = TestDns::start().await.unwrap();
+    dns.add_mx("dead.test", 10, "mx.dead.test").unwrap();
+    dns.add_a("mx.dead.test", Ipv4Addr::new(127, 0, 0, 5)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spool: Arc<dyn Spool> = Arc::new(LocalSpool::open(LocalSpoolOptions::new(dir.path().join("spool"))).unwrap());
+    let events_path = dir.path().join("events.jsonl");
+    let events = EventLog::open(&events_path).await.unwrap();
+    let mut config = MtaConfig { ehlo_hostname: "mta.test".into(), idle_poll: Duration::from_millis(50), port, ..MtaConfig::default() };
+    config.resolver.nameservers = vec![dns.addr()];
+    config.retry.initial = Duration::from_secs(3600);
+    let mta = Mta::new(config, spool.clone(), events, engine()).unwrap();
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(mta.run(cancel.clone()));
+    let batch: Vec<Message> = (0..300).map(|i| message("dead.test", &[&format!("u{i}@dead.test")], "Subject: x\r\n\r\nx\r\n")).collect();
+    spool.enqueue(batch).await.unwrap();
+    wait_until("all 300 are deferred", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&events_path).unwrap_or_default();
+        text.lines().filter(|l| l.contains("\"deferred\"")).count() >= 300
+    })
+    .await;
+    let attempts = accepted.load(Ordering::Relaxed);
+    assert!(attempts <= 10, "{attempts} connection attempts for 300 messages to a dead destination");
+    let text = std::fs::read_to_string(&events_path).unwrap();
+    assert!(text.lines().all(|l| !l.contains("\"deferred\"") || l.contains("closed the connection")), "each deferral names the failure");
+    cancel.cancel();
+    handle.await.unwrap();
+}
