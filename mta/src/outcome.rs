@@ -132,6 +132,7 @@ pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, v
                 bounce_event(&meta, &address, text, status_of(&d.reply), kind, &d.outcome)
             }
         };
+        let event = if d.outcome.disposition == Disposition::Delivered { event } else { with_session(event, via) };
         events.push((d.outcome.disposition == Disposition::Delivered, event));
     }
 
@@ -174,6 +175,15 @@ pub(crate) async fn settle(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, v
     if keep_all {
         metrics::counter!("sluice_deferred_total").increment(deferred);
         metrics::counter!("sluice_bounced_total").increment(bounced);
+    }
+}
+
+/// `tls` and `ip` (the sending address) on deferred and bounce events, as SendGrid sends
+/// them, when the attempt got as far as a session with the receiver.
+fn with_session(event: Event, via: &Via) -> Event {
+    match via.local_ip {
+        Some(ip) => event.with("tls", u8::from(via.tls)).with("ip", ip.to_string()),
+        None => event,
     }
 }
 
