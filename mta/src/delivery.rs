@@ -268,7 +268,7 @@ async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, deadline: Instant, use_tls
     let mut client = SmtpClient::connect(addr, wait(t.connect))
         .await
         .map_err(|e| fail(synthetic(421, (4, 4, 1), format!("cannot connect to {host} [{addr}]: {e}")), Stage::Connect, true))?;
-    metrics::counter!("sluice_smtp_connections_total").increment(1);
+    metrics::counter!("sluice_delivery_connections_total").increment(1);
     let banner = client.read_reply(wait(t.banner)).await.map_err(|e| fail(client_failure(&e, host, "the greeting"), Stage::Connect, true))?;
     match banner.class() {
         2 => {}
