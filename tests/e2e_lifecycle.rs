@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -46,10 +47,12 @@ fn bad_config_refuses_to_start_and_names_the_key() {
 }
 
 #[test]
-fn the_annotated_example_config_is_valid() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/sluice.example.toml");
-    let out = Command::new(binary()).args(["config", "check", example]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+fn the_annotated_example_config_and_the_container_configs_are_valid() {
+    for file in ["docs/sluice.example.toml", "docker/sluice.toml", "docker/sluice-rados.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let out = Command::new(binary()).args(["config", "check"]).arg(&path).output().unwrap();
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 #[test]
