@@ -166,6 +166,18 @@ async fn kill9_during_injection_loses_nothing_that_was_acknowledged() {
     assert!(s.stop());
 }
 
+/// A supervisor may stop a node the moment it said it is ready: the signal handler is in
+/// place before the ready line, so that is a clean shutdown too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_ready_is_a_clean_shutdown() {
+    let peers = Peers::start(SinkConfig::default()).await;
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sluice::start_with(dir.path(), &config(dir.path(), &peers, ""));
+        assert!(s.stop(), "exit status 0 after an immediate SIGTERM");
+    }
+}
+
 /// The README's quick start: `sluice serve` with no config file at all, in an empty working
 /// directory. It uses the documented defaults (HTTP 127.0.0.1:8025, SMTP 127.0.0.1:2525,
 /// admin 127.0.0.1:9025, data in ./sluice-data), so it needs those ports free.
