@@ -93,6 +93,9 @@ async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListen
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Before anything is announced: a SIGTERM that comes right after "ready" (a supervisor
+    // stopping a node it just started) must be a clean shutdown, not the default action.
+    let shutdown = shutdown_signal()?;
     let metrics = telemetry::init_metrics()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
@@ -185,7 +188,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Run until a signal, or until a component fails.
     let mut failure = None;
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("sluice: shutting down"),
+        _ = shutdown => tracing::info!("sluice: shutting down"),
         Some(done) = tasks.join_next() => {
             if let Ok(Err(e)) = done { failure = Some(e) }
         }
@@ -209,14 +212,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes at the first signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 async fn reload_shaping_on_sighup(control: MtaControl, cancel: CancellationToken) -> anyhow::Result<()> {

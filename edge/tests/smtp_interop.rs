@@ -102,9 +102,10 @@ except smtplib.SMTPAuthenticationError as e:
 try:
     s.sendmail("python@example.org", ["rcpt@example.net"], "Subject: x\n\nx\n")
     raise SystemExit("relayed without authentication")
-except smtplib.SMTPSenderRefused as e:
-    assert e.smtp_code == 530, e
-    print("unauthenticated MAIL refused:", e.smtp_code)
+except smtplib.SMTPRecipientsRefused as e:
+    code, text = e.recipients["rcpt@example.net"]
+    assert code == 530 and text.startswith(b"5.7.0 Authentication required"), e
+    print("unauthenticated RCPT refused:", code, text.decode())
 s.quit()
 "#;
 

@@ -12,6 +12,7 @@ use base64::Engine;
 use sluice_edge::smtp::SmtpConfig;
 use sluice_spool::{Lease, LeaseRequest, Leased, Message, MessageId, MessageMeta, Spool, SpoolCounts, SpoolError};
 use smtp_support::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 fn plain(user: &str, password: &str) -> String {
     BASE64.encode(format!("\0{user}\0{password}"))
@@ -239,6 +240,85 @@ async fn overlong_command_lines_are_refused_and_skipped() {
     server.stop().await;
 }
 
+/// RFC 5321 §4.5.3.1.6: 998 bytes per line (1000 with CRLF). A longer line is refused after
+/// the final dot, naming the line, and nothing is queued; the session stays in sync.
+#[tokio::test]
+async fn data_lines_longer_than_the_limit_are_refused() {
+    let server = start(config()).await;
+    let mut c = server.connect().await;
+    c.cmd("EHLO client.test").await;
+    let longest = format!("Subject: fits\r\n\r\n{}\r\n", "a".repeat(998));
+    assert_code(&c.send_message("a@example.org", &["b@example.net"], &longest).await, "250 2.0.0");
+    // 999 bytes on line 4, sent in pieces so the line spans several reads.
+    assert_code(&c.cmd("MAIL FROM:<c@example.org>").await, "250 2.1.0");
+    assert_code(&c.cmd("RCPT TO:<b@example.net>").await, "250 2.1.5");
+    assert_code(&c.cmd("DATA").await, "354");
+    c.send("Subject: too long\r\n\r\nshort line\r\n").await;
+    for _ in 0..9 {
+        c.send("b".repeat(111)).await;
+    }
+    c.send("\r\nmore text after it\r\n.\r\n").await;
+    let reply = c.reply().await;
+    assert_code(&reply, "550 5.6.0 Line 4 of the message is longer than 998 bytes");
+    assert!(reply.contains("not queued"), "{reply}");
+    // Nothing was lost from the stream: the next command and message work.
+    assert_code(&c.cmd("NOOP").await, "250 2.0.0");
+    let reply = c.send_message("d@example.org", &["b@example.net"], &sample_message("after")).await;
+    assert_code(&reply, "250 2.0.0");
+
+    let messages = server.messages().await;
+    let senders: Vec<&str> = messages.iter().map(|m| m.meta.mail_from.as_str()).collect();
+    assert_eq!(senders, ["a@example.org", "d@example.org"], "the refused message was not queued");
+    assert!(body_text(&messages[0]).ends_with(&longest));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_raised_line_limit_passes_long_lines_on_unchanged() {
+    let server = start(SmtpConfig { max_line_length: 5000, ..config() }).await;
+    let mut c = server.connect().await;
+    c.cmd("EHLO client.test").await;
+    let data = format!("Subject: long\r\n\r\n{}\r\n", "z".repeat(4000));
+    assert_code(&c.send_message("a@example.org", &["b@example.net"], &data).await, "250 2.0.0");
+    let data = format!("Subject: longer\r\n\r\n{}\r\n", "z".repeat(5001));
+    assert_code(&c.send_message("a@example.org", &["b@example.net"], &data).await, "550 5.6.0 Line 3");
+    let messages = server.messages().await;
+    assert_eq!(messages.len(), 1);
+    assert!(body_text(&messages[0]).ends_with(&format!("{}\r\n", "z".repeat(4000))));
+    server.stop().await;
+}
+
+/// `data_timeout` bounds the whole message, from 354 to the final dot: a client that keeps
+/// trickling bytes (so no single read waits for `command_timeout`) is still cut off.
+#[tokio::test]
+async fn a_client_stalling_in_data_is_timed_out() {
+    let server = start(SmtpConfig { data_timeout: Duration::from_secs(1), ..config() }).await;
+    let mut c = server.connect().await;
+    c.cmd("EHLO client.test").await;
+    assert_code(&c.cmd("MAIL FROM:<a@example.org>").await, "250 2.1.0");
+    assert_code(&c.cmd("RCPT TO:<b@example.net>").await, "250 2.1.5");
+    assert_code(&c.cmd("DATA").await, "354");
+    let (read, mut write) = tokio::io::split(c.into_inner());
+    let trickle = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        write.write_all(b"Subject: slow\r\n\r\n").await.unwrap();
+        // Until the server hangs up.
+        while write.write_all(b"x").await.is_ok() && write.flush().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut read = tokio::io::BufReader::new(read);
+    let mut reply = String::new();
+    tokio::time::timeout(IO_TIMEOUT, read.read_line(&mut reply)).await.expect("no reply").unwrap();
+    assert_code(&reply, "421 4.4.2 relay.test Timeout exceeded while receiving message data");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(IO_TIMEOUT, read.read_to_end(&mut rest)).await.expect("connection not closed");
+    assert!(rest.is_empty(), "nothing after 421: {:?}", String::from_utf8_lossy(&rest));
+    tokio::time::timeout(IO_TIMEOUT, trickle).await.unwrap().unwrap();
+    assert!(server.messages().await.is_empty(), "a message cut off mid-DATA is not queued");
+    server.stop().await;
+}
+
 /// SMTP smuggling: only CRLF.CRLF ends the data. `\n.\n` and `\r\n.\n` (and `\n.\r\n`) are
 /// message content, so the commands after them are part of the message, not a second one.
 #[tokio::test]
@@ -299,24 +379,54 @@ async fn dot_stuffing_and_the_empty_message() {
     server.stop().await;
 }
 
-/// Never an open relay: a client outside `relay_networks` cannot send without AUTH.
+/// Never an open relay: a client outside `relay_networks` cannot send without AUTH. The
+/// refusal comes at RCPT (530 5.7.0, per recipient), and nothing is ever queued.
 #[tokio::test]
-async fn unauthenticated_clients_outside_relay_networks_are_refused() {
-    let config = SmtpConfig { relay_networks: vec!["192.0.2.0/24".parse().unwrap()], ..config() };
+async fn unauthenticated_clients_outside_relay_networks_are_refused_at_rcpt() {
+    // Enough errors allowed to see every reply (the next test is about the limit).
+    let config = SmtpConfig { relay_networks: vec!["192.0.2.0/24".parse().unwrap()], max_errors: 100, ..config() };
     let server = start(config).await;
     let mut c = server.connect().await;
     c.cmd("EHLO client.test").await;
-    assert_code(&c.cmd("MAIL FROM:<a@example.org>").await, "530 5.7.0 Authentication required");
-    assert_code(&c.cmd("RCPT TO:<b@example.net>").await, "503 5.5.1");
-    assert_code(&c.cmd("DATA").await, "503 5.5.1");
+    assert_code(&c.cmd("MAIL FROM:<a@example.org>").await, "250 2.1.0");
+    assert_code(&c.cmd("RCPT TO:<b@example.net>").await, "530 5.7.0 Authentication required");
+    assert_code(&c.cmd("RCPT TO:<c@example.com>").await, "530 5.7.0 Authentication required");
+    // No recipient was accepted, so there is nothing to send data for.
+    assert_code(&c.cmd("DATA").await, "503 5.5.1 Send RCPT first");
+    assert_code(&c.cmd("RSET").await, "250 2.0.0");
     // AUTH needs TLS first.
     assert_code(&c.cmd(&format!("AUTH PLAIN {}", plain("apikey", API_KEY))).await, "538 5.7.11");
-    // Pipelining the whole transaction does not get around it.
-    c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\n").await;
+    // Pipelining the whole transaction does not get around it: the data that follows the
+    // refused DATA is read as (unknown) commands, never as a message.
+    c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\nQUIT\r\n").await;
+    assert_code(&c.reply().await, "250 2.1.0");
     assert_code(&c.reply().await, "530 5.7.0");
     assert_code(&c.reply().await, "503 5.5.1");
-    assert_code(&c.reply().await, "503 5.5.1");
+    assert_code(&c.reply().await, "500 5.5.1"); // "Subject: x"
+    assert_code(&c.reply().await, "500 5.5.1"); // the empty line
+    assert_code(&c.reply().await, "500 5.5.1"); // "x"
+    assert_code(&c.reply().await, "500 5.5.1"); // "."
+    assert_code(&c.reply().await, "221 2.0.0");
+    c.expect_closed().await;
     assert!(server.messages().await.is_empty(), "nothing was queued");
+    server.stop().await;
+}
+
+/// A client trying recipient after recipient is cut off: every refused RCPT is an error.
+#[tokio::test]
+async fn relay_probing_ends_the_session_after_max_errors() {
+    let config = SmtpConfig { relay_networks: vec![], max_errors: 3, ..config() };
+    let server = start(config).await;
+    let mut c = server.connect().await;
+    c.cmd("EHLO client.test").await;
+    assert_code(&c.cmd("MAIL FROM:<a@example.org>").await, "250 2.1.0");
+    assert_code(&c.cmd("RCPT TO:<r1@example.net>").await, "530 5.7.0");
+    assert_code(&c.cmd("RCPT TO:<r2@example.net>").await, "530 5.7.0");
+    c.send("RCPT TO:<r3@example.net>\r\nRCPT TO:<r4@example.net>\r\n").await;
+    assert_code(&c.reply().await, "530 5.7.0");
+    assert_code(&c.reply().await, "421 4.7.0 relay.test Too many errors");
+    c.expect_closed().await;
+    assert!(server.messages().await.is_empty());
     server.stop().await;
 }
 
@@ -334,7 +444,11 @@ async fn auth_without_tls_when_allowed_by_config() {
     // PLAIN without an initial response, cancelled with `*`.
     assert_code(&c.cmd("AUTH PLAIN").await, "334");
     assert_code(&c.cmd("*").await, "501 5.7.0");
-    assert_code(&c.cmd("MAIL FROM:<a@example.org>").await, "530 5.7.0");
+    assert_code(&c.cmd("MAIL FROM:<a@example.org>").await, "250 2.1.0");
+    assert_code(&c.cmd("RCPT TO:<b@example.net>").await, "530 5.7.0");
+    // AUTH is not allowed inside a transaction: RSET first.
+    assert_code(&c.cmd("AUTH PLAIN").await, "503 5.5.1");
+    assert_code(&c.cmd("RSET").await, "250 2.0.0");
     // PLAIN without an initial response, then the right key.
     assert_code(&c.cmd("AUTH PLAIN").await, "334");
     assert_code(&c.cmd(&plain("apikey", API_KEY)).await, "235 2.7.0");

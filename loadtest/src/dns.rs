@@ -10,11 +10,12 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hickory_resolver::proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
-use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, Record};
+pub use hickory_resolver::proto::rr::RecordType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -45,8 +46,12 @@ pub struct TestDns {
     addr: SocketAddr,
     zone: Arc<RwLock<Zone>>,
     queries: Arc<AtomicU64>,
+    asked: Asked,
     cancel: CancellationToken,
 }
+
+/// Queries answered, per lower-case FQDN and type.
+type Asked = Arc<Mutex<HashMap<(String, RecordType), u64>>>;
 
 /// `name` as a lower-case FQDN with a trailing dot, checked to be a valid DNS name.
 fn fqdn(name: &str) -> Result<(String, Name), InvalidName> {
@@ -84,11 +89,12 @@ impl TestDns {
         let addr = udp.local_addr().expect("bound socket has an address");
         let zone = Arc::new(RwLock::new(Zone { records: HashMap::new(), servfail: HashSet::new(), ttl: 60 }));
         let queries = Arc::new(AtomicU64::new(0));
+        let asked = Asked::default();
         let cancel = CancellationToken::new();
-        let responder = Responder { zone: zone.clone(), queries: queries.clone() };
+        let responder = Responder { zone: zone.clone(), queries: queries.clone(), asked: asked.clone() };
         tokio::spawn(serve_udp(udp, responder.clone(), cancel.clone()));
         tokio::spawn(serve_tcp(tcp, responder, cancel.clone()));
-        TestDns { addr, zone, queries, cancel }
+        TestDns { addr, zone, queries, asked, cancel }
     }
 
     /// Where the server listens (UDP and TCP).
@@ -99,6 +105,13 @@ impl TestDns {
     /// How many queries were answered so far.
     pub fn query_count(&self) -> u64 {
         self.queries.load(Ordering::Relaxed)
+    }
+
+    /// How many queries for `name` and `rtype` were answered so far (e.g. to see that a
+    /// resolver cached an answer).
+    pub fn queries_for(&self, name: &str, rtype: RecordType) -> u64 {
+        let Ok((key, _)) = fqdn(name) else { return 0 };
+        self.asked.lock().expect("query log lock").get(&(key, rtype)).copied().unwrap_or(0)
     }
 
     /// The TTL given to every record and negative answer from now on (default 60 s).
@@ -189,6 +202,7 @@ impl Drop for TestDns {
 struct Responder {
     zone: Arc<RwLock<Zone>>,
     queries: Arc<AtomicU64>,
+    asked: Asked,
 }
 
 impl Responder {
@@ -211,7 +225,14 @@ impl Responder {
             resp.set_edns(e);
         }
         match (query.metadata.op_code, query.queries.first()) {
-            (OpCode::Query, Some(q)) => self.fill(&mut resp, &q.name, q.query_type),
+            (OpCode::Query, Some(q)) => {
+                let mut name = q.name.to_lowercase().to_ascii();
+                if !name.ends_with('.') {
+                    name.push('.');
+                }
+                *self.asked.lock().expect("query log lock").entry((name, q.query_type)).or_insert(0) += 1;
+                self.fill(&mut resp, &q.name, q.query_type)
+            }
             _ => resp.metadata.response_code = ResponseCode::NotImp,
         }
         let mut bytes = resp.to_vec().ok()?;

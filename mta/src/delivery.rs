@@ -452,7 +452,7 @@ async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, source: &Source, tls: TlsM
     let mut client = SmtpClient::connect_from(addr, source.bind, wait(t.connect))
         .await
         .map_err(|e| fail(synthetic(421, (4, 4, 1), format!("cannot connect to {host} [{addr}]: {e}")), Stage::Connect, true))?;
-    metrics::counter!("sluice_smtp_connections_total").increment(1);
+    metrics::counter!("sluice_delivery_connections_total").increment(1);
     let banner = client.read_reply(wait(t.banner)).await.map_err(|e| fail(client_failure(&e, host, "the greeting"), Stage::Connect, true))?;
     match banner.class() {
         2 => {}

@@ -161,6 +161,7 @@ async fn settle_inner(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, via: &
                 bounce_event(&meta, &address, text, status_of(&d.reply), kind, &d.outcome)
             }
         };
+        let event = if d.outcome.disposition == Disposition::Delivered { event } else { with_session(event, via) };
         events.push((d.outcome.disposition == Disposition::Delivered, event));
     }
 
@@ -212,6 +213,15 @@ async fn settle_inner(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, via: &
         }
     }
     feedback
+}
+
+/// `tls` and `ip` (the sending address) on deferred and bounce events, as SendGrid sends
+/// them, when the attempt got as far as a session with the receiver.
+fn with_session(event: Event, via: &Via) -> Event {
+    match via.local_ip {
+        Some(ip) => event.with("tls", u8::from(via.tls)).with("ip", ip.to_string()),
+        None => event,
+    }
 }
 
 fn bounce_event(meta: &MessageMeta, address: &str, reason: String, status: String, kind: &str, outcome: &Outcome) -> Event {

@@ -67,6 +67,10 @@ async fn mixed_recipient_outcomes_update_spool_and_events() {
     assert_eq!(deferred["event"], "deferred");
     assert_eq!(deferred["attempt"], "1");
     assert_eq!(deferred["response"], "451 4.7.1 Try again later");
+    // The session's TLS state and sending address, as on delivered events.
+    for e in [&bounce, &deferred] {
+        assert_eq!((e["tls"].as_u64(), e["ip"].as_str()), (Some(0), Some("127.0.0.1")), "{e}");
+    }
 
     let meta = bench.meta(id).await.expect("still queued for the deferred recipient");
     let states: Vec<RecipientState> = meta.recipients.iter().map(|r| r.state).collect();
@@ -198,6 +202,102 @@ async fn a_stalling_server_times_out_into_a_deferral() {
     assert_eq!(e["event"], "deferred");
     let response = e["response"].as_str().unwrap();
     assert!(response.starts_with("451 4.4.2 timed out") && response.contains("RCPT TO"), "{response}");
+}
+
+/// The deferral a stalled peer leads to, for the event of `email`.
+async fn stalled(bench: &Bench, config: sluice_mta::MtaConfig, email: &str) -> serde_json::Value {
+    let mta = bench.start(config);
+    let e = bench.event_for(1, email).await;
+    mta.stop().await;
+    assert_eq!(e["event"], "deferred", "{e}");
+    e
+}
+
+#[tokio::test]
+async fn a_server_that_never_greets_times_out_into_a_deferral() {
+    let scenario = Scenario::accept_all().rule(Rule::at(Stage::Connect).delay(Duration::from_secs(600)));
+    let bench = Bench::new(SinkConfig { scenario, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut config = bench.config();
+    config.timeouts.banner = Duration::from_millis(300);
+    let e = stalled(&bench, config, "a@dest.test").await;
+    let response = e["response"].as_str().unwrap();
+    assert!(response.starts_with("451 4.4.2 timed out after 0.3s waiting for mx.dest.test during the greeting"), "{response}");
+    assert!(e.get("ip").is_none(), "no session, so no sending address: {e}");
+    assert!(bench.sink.messages().is_empty());
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_starttls_times_out_into_a_deferral() {
+    let scenario = Scenario::accept_all().rule(Rule::at(Stage::StartTls).delay(Duration::from_secs(600)));
+    let bench = Bench::new(SinkConfig { scenario, starttls: true, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut config = bench.config();
+    config.timeouts.tls = Duration::from_millis(300);
+    let e = stalled(&bench, config, "a@dest.test").await;
+    let response = e["response"].as_str().unwrap();
+    assert!(response.starts_with("451 4.4.2 timed out") && response.contains("during STARTTLS"), "{response}");
+    assert!(bench.sink.messages().is_empty());
+}
+
+/// A peer that says 220 to STARTTLS and then sends nothing: the handshake times out. (No
+/// mock can stall a handshake on cue, so this peer is a raw TCP listener.)
+#[tokio::test]
+async fn a_stalled_tls_handshake_times_out_into_a_deferral() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let bench = Bench::new(SinkConfig::default()).await;
+    let listener = tokio::net::TcpListener::bind((common::loopback(4), bench.sink.addr().port())).await.unwrap();
+    let peer = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tcp = BufReader::new(tcp);
+        tcp.get_mut().write_all(b"220 stall.test ESMTP\r\n").await.unwrap();
+        let mut line = String::new();
+        while tcp.read_line(&mut line).await.unwrap() > 0 {
+            let command = line.trim_end().to_ascii_uppercase();
+            line.clear();
+            if command.starts_with("EHLO") {
+                tcp.get_mut().write_all(b"250-stall.test\r\n250 STARTTLS\r\n").await.unwrap();
+            } else if command == "STARTTLS" {
+                tcp.get_mut().write_all(b"220 2.0.0 Ready to start TLS\r\n").await.unwrap();
+                // Then nothing: read (and ignore) the ClientHello until the client gives up.
+                let mut sink = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut sink).await;
+                return true;
+            }
+        }
+        false
+    });
+    bench.dns.add_mx("dest.test", 10, "mx.dest.test").unwrap();
+    bench.dns.add_ip("mx.dest.test", common::loopback(4)).unwrap();
+    bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut config = bench.config();
+    config.timeouts.tls = Duration::from_millis(300);
+    // Opportunistic TLS would retry in plain text; required TLS shows the handshake timeout.
+    config.tls.mode = sluice_mta::TlsMode::Required;
+    let e = stalled(&bench, config, "a@dest.test").await;
+    let response = e["response"].as_str().unwrap();
+    assert!(response.starts_with("451 4.4.2 timed out") && response.contains("during the TLS handshake"), "{response}");
+    assert!(tokio::time::timeout(WAIT, peer).await.unwrap().unwrap(), "the peer saw STARTTLS");
+}
+
+/// No reply after the final dot: the message may or may not have been taken, so it is
+/// deferred (a retry can duplicate it, never lose it).
+#[tokio::test]
+async fn a_server_stalling_after_the_data_times_out_into_a_deferral() {
+    let scenario = Scenario::accept_all().rule(Rule::at(Stage::EndOfData).delay(Duration::from_secs(600)));
+    let bench = Bench::new(SinkConfig { scenario, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    let id = bench.enqueue("dest.test", &["a@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mut config = bench.config();
+    config.timeouts.end_of_data = Duration::from_millis(300);
+    let e = stalled(&bench, config, "a@dest.test").await;
+    let response = e["response"].as_str().unwrap();
+    assert!(response.starts_with("451 4.4.2 timed out") && response.contains("during the end of DATA"), "{response}");
+    assert_eq!(e["ip"], "127.0.0.1", "the session had started: {e}");
+    let meta = bench.meta(id).await.expect("still queued for a retry");
+    assert_eq!(meta.attempts, 1);
 }
 
 #[tokio::test]

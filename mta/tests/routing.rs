@@ -6,6 +6,7 @@ mod common;
 use std::net::SocketAddr;
 
 use common::{loopback, Bench, WAIT};
+use sluice_load::dns::RecordType;
 use sluice_load::sink::{Rule, Scenario, Sink, SinkConfig, Stage};
 
 /// A second sink on another loopback address but the same port as the bench's sink, so
@@ -68,6 +69,101 @@ async fn falls_back_to_the_next_mx_after_a_421_greeting() {
     assert_eq!(bench.sink.stats().connections, 2);
 }
 
+/// RFC 5321 §5.1: hosts of equal preference are tried in random order (spreading the load),
+/// and always before any host of a higher preference value.
+#[tokio::test]
+async fn equal_preferences_are_shuffled_and_tried_before_lower_ones() {
+    const DOMAINS: usize = 40;
+    let bench = Bench::new(SinkConfig::default()).await;
+    let b = second_sink(&bench, 2).await;
+    let backup = second_sink(&bench, 3).await;
+    bench.dns.add_ip("mx-a.test", loopback(1)).unwrap();
+    bench.dns.add_ip("mx-b.test", loopback(2)).unwrap();
+    bench.dns.add_ip("mx-backup.test", loopback(3)).unwrap();
+    // Each domain is resolved (and shuffled) on its own. The list order in DNS is the same
+    // for all of them, the least preferred first.
+    for i in 0..DOMAINS {
+        let domain = format!("d{i}.test");
+        bench.dns.add_mx(&domain, 20, "mx-backup.test").unwrap();
+        bench.dns.add_mx(&domain, 10, "mx-a.test").unwrap();
+        bench.dns.add_mx(&domain, 10, "mx-b.test").unwrap();
+        bench.enqueue(&domain, &[&format!("r@{domain}")], "Subject: s\r\n\r\nb\r\n").await;
+    }
+    let mta = bench.start(bench.config());
+    let events = bench.events(DOMAINS).await;
+    mta.stop().await;
+
+    assert!(events.iter().all(|e| e["event"] == "delivered"), "{events:?}");
+    let (to_a, to_b) = (bench.sink.messages().len(), b.messages().len());
+    assert_eq!(to_a + to_b, DOMAINS);
+    // With a fair shuffle, all 40 going to one host has a chance of 2 in 2^40.
+    assert!(to_a > 0 && to_b > 0, "equal preferences not shuffled: {to_a} to mx-a, {to_b} to mx-b");
+    assert!(backup.messages().is_empty(), "the preference-20 host got mail while both preference-10 hosts were up");
+    assert_eq!(backup.stats().connections, 0);
+}
+
+/// No MX and only an AAAA record: the domain itself is the mail host, reached over IPv6.
+#[tokio::test]
+async fn implicit_mx_reaches_an_ipv6_only_host() {
+    let bench = Bench::new(SinkConfig::default()).await;
+    let v6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), bench.sink.addr().port());
+    let sink6 = Sink::bind(v6, SinkConfig::default()).await.expect("::1 is configured on loopback");
+    bench.dns.add_aaaa("v6only.test", std::net::Ipv6Addr::LOCALHOST).unwrap();
+    bench.enqueue("v6only.test", &["a@v6only.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let mta = bench.start(bench.config());
+    let e = bench.event_for(1, "a@v6only.test").await;
+    mta.stop().await;
+    assert_eq!(e["event"], "delivered", "{e}");
+    assert_eq!(e["mx"], "v6only.test");
+    assert_eq!(e["ip"], "::1", "sent from the IPv6 loopback");
+    assert_eq!(sink6.messages()[0].rcpt_to, ["a@v6only.test"]);
+    assert!(bench.sink.messages().is_empty());
+    assert_eq!(bench.dns.queries_for("v6only.test", RecordType::MX), 1);
+    assert_eq!(bench.dns.queries_for("v6only.test", RecordType::AAAA), 1);
+}
+
+/// MX answers are cached for their TTL: a second delivery to the domain within it costs no
+/// lookup, and once the TTL has run out the next delivery asks again.
+#[tokio::test]
+async fn mx_answers_are_cached_for_their_ttl() {
+    let bench = Bench::new(SinkConfig::default()).await;
+    bench.dns.set_ttl(3600);
+    bench.mx_to_sink("cached.test");
+    let mut config = bench.config();
+    config.idle_poll = std::time::Duration::from_millis(20);
+    let mta = bench.start(config);
+    let deliver = |n: u64| {
+        let bench = &bench;
+        let waker = mta.waker.clone();
+        async move {
+            bench.enqueue("cached.test", &[&format!("r{n}@cached.test")], "Subject: s\r\n\r\nb\r\n").await;
+            waker.notify_one();
+            assert!(bench.sink.wait_for_messages(n, WAIT).await, "message {n} delivered");
+        }
+    };
+    deliver(1).await;
+    assert_eq!(bench.dns.queries_for("cached.test", RecordType::MX), 1);
+    let queries = bench.dns.query_count();
+    deliver(2).await;
+    assert_eq!(bench.dns.queries_for("cached.test", RecordType::MX), 1, "the cached MX answer was used");
+    assert_eq!(bench.dns.query_count(), queries, "no lookup at all within the TTL (MX and A cached)");
+    mta.stop().await;
+
+    // A one-second TTL: after it has run out, the MX is asked for again.
+    bench.dns.set_ttl(1);
+    bench.mx_to_sink("short.test");
+    let mta = bench.start(bench.config());
+    bench.enqueue("short.test", &["a@short.test"], "Subject: s\r\n\r\nb\r\n").await;
+    assert!(bench.sink.wait_for_messages(3, WAIT).await);
+    assert_eq!(bench.dns.queries_for("short.test", RecordType::MX), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    bench.enqueue("short.test", &["b@short.test"], "Subject: s\r\n\r\nb\r\n").await;
+    mta.waker.notify_one();
+    assert!(bench.sink.wait_for_messages(4, WAIT).await);
+    mta.stop().await;
+    assert_eq!(bench.dns.queries_for("short.test", RecordType::MX), 2, "asked again once the TTL ran out");
+}
+
 #[tokio::test]
 async fn a_domain_without_mx_is_its_own_mail_host() {
     let bench = Bench::new(SinkConfig::default()).await;
@@ -111,6 +207,7 @@ async fn an_unreachable_dns_server_defers() {
     mta.stop().await;
     assert_eq!(e["event"], "deferred");
     assert!(e["response"].as_str().unwrap().starts_with("451 4.4.3 DNS lookup of MX for dest.test failed"), "{e}");
+    assert!(e.get("ip").is_none() && e.get("tls").is_none(), "no session, no ip or tls: {e}");
 }
 
 #[tokio::test]

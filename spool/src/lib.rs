@@ -25,7 +25,7 @@ pub mod conformance;
 pub mod suppression_conformance;
 
 pub use error::SpoolError;
-pub use local::{LocalSpool, LocalSpoolOptions};
+pub use local::{CommitStats, LocalSpool, LocalSpoolOptions};
 pub use model::{now_ms, Message, MessageId, MessageMeta, Recipient, RecipientState};
 #[cfg(feature = "rados")]
 pub use rados::{RadosSpool, RadosSpoolOptions};

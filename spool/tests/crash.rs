@@ -63,17 +63,23 @@ fn kill9_loses_no_acknowledged_message() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut acked = Vec::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if line.ends_with("READY") {
+                    let _ = ready_tx.send(());
+                }
                 if let Some(id) = line.strip_prefix("ACK ") {
                     acked.push(id.parse::<MessageId>().unwrap());
                 }
             }
             acked
         });
-        // Let it run for a random while, then kill it without warning.
+        // Once the child has opened the spool (on a busy machine that alone can take a
+        // while), let it run for a random while, then kill it without warning.
+        ready.recv_timeout(Duration::from_secs(60)).expect("the child never opened the spool");
         let delay = 100 + rand::random::<u64>() % 400;
         std::thread::sleep(Duration::from_millis(delay));
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };

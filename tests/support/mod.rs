@@ -103,12 +103,29 @@ impl Sluice {
     /// Starts `sluice serve --config <dir>/sluice.toml` with `config_text` and waits until it
     /// prints its ready line.
     pub fn start_with(dir: &Path, config_text: &str) -> Sluice {
+        Self::start_with_args(dir, config_text, &[])
+    }
+
+    /// Like [`Sluice::start_with`], with more arguments for `serve` (e.g. `--role edge`).
+    pub fn start_with_args(dir: &Path, config_text: &str, args: &[&str]) -> Sluice {
         std::fs::create_dir_all(dir).unwrap();
         let path = dir.join("sluice.toml");
         std::fs::write(&path, config_text).unwrap();
-        let mut child = Command::new(binary())
-            .args(["serve", "--config"])
-            .arg(&path)
+        let mut command = Command::new(binary());
+        command.args(["serve", "--config"]).arg(&path).args(args);
+        Self::spawn(command, dir)
+    }
+
+    /// `sluice serve` with no config at all, in working directory `cwd`: the quick start.
+    /// Its data lives in `cwd/sluice-data`.
+    pub fn start_zero_config(cwd: &Path) -> Sluice {
+        let mut command = Command::new(binary());
+        command.arg("serve").current_dir(cwd);
+        Self::spawn(command, &cwd.join("sluice-data"))
+    }
+
+    fn spawn(mut command: Command, dir: &Path) -> Sluice {
+        let mut child = command
             .env("SLUICE_LOG", "info,sluice_mta=debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -277,4 +294,20 @@ pub fn require_tool(name: &str) -> String {
         }
     }
     panic!("{name} is required: run scripts/test.sh, which installs it");
+}
+
+/// `GET path` on the admin listener; returns the body.
+pub async fn admin_get(s: &Sluice, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(s.admin).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+}
+
+/// The value of the sample `series` (a metric name, with its labels as rendered, e.g.
+/// `sluice_queue_depth{state="queued"}`) in a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }

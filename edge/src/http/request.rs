@@ -5,7 +5,8 @@
 //! validator with SendGrid's wording (and all at once) instead of by serde (one at a time).
 //! Serde only enforces JSON types. Fields sluice accepts but does not act on
 //! (`asm`, `batch_id`, `tracking_settings`, `dynamic_template_data`, most of
-//! `mail_settings`, ...) and unknown fields are skipped.
+//! `mail_settings`, ...) and unknown fields are skipped; docs/http-api.md lists which fields
+//! are honoured and which are ignored.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -270,7 +271,7 @@ mod tests {
     #[test]
     fn ignored_fields_are_accepted() {
         let r = parse(
-            br#"{"asm":{"group_id":1},"tracking_settings":{"click_tracking":{"enable":true}},
+            br#"{"asm":{"group_id":1},"tracking_settings":{"click_tracking":{"enable":true}},"batch_id":"b-1",
                  "mail_settings":{"footer":{"enable":true},"sandbox_mode":{"enable":true}},
                  "personalizations":[{"to":[{"email":"a@b.com"}],"dynamic_template_data":{"x":[1]}}],
                  "whatever":1}"#,

@@ -30,6 +30,13 @@ pub struct SmtpConfig {
     pub hostname: String,
     /// Largest message accepted, in bytes (advertised as `SIZE`). Larger messages get `552`.
     pub max_message_bytes: usize,
+    /// Longest line of message data accepted, in bytes, not counting the line ending. RFC
+    /// 5321 §4.5.3.1.6 allows 998 (1000 with CRLF), and receivers may refuse or break longer
+    /// lines, so a message with a longer line is refused with `550 5.6.0` after its final dot
+    /// (naming the line) and nothing is queued: the client should encode such content as
+    /// quoted-printable or base64. Raise it to pass long lines on unchanged. (Command lines
+    /// have their own fixed limit of 4096 bytes, smtp-proto's, answered with `500 5.5.2`.)
+    pub max_line_length: usize,
     /// Most recipients in one transaction; further `RCPT`s get `452 4.5.3` (the client sends
     /// them in a second transaction).
     pub max_recipients: usize,
@@ -78,6 +85,9 @@ pub struct SmtpUser {
     pub password_sha256: String,
 }
 
+/// RFC 5321's limit on a line of message data, without its CRLF.
+pub const RFC5321_MAX_LINE: usize = 998;
+
 /// The user name under which an API key authenticates, as with SendGrid.
 pub const API_KEY_USER: &str = "apikey";
 
@@ -87,6 +97,7 @@ impl Default for SmtpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 2525)),
             hostname: machine_hostname(),
             max_message_bytes: 30 * 1024 * 1024,
+            max_line_length: RFC5321_MAX_LINE,
             max_recipients: 1000,
             max_connections: 1000,
             max_errors: 10,
@@ -117,6 +128,11 @@ impl SmtpConfig {
         // The spool keeps whole messages in memory while writing them.
         if self.max_message_bytes > 1024 * 1024 * 1024 {
             return Err("max_message_bytes: must be at most 1073741824 (1 GiB)".into());
+        }
+        if self.max_line_length < RFC5321_MAX_LINE {
+            return Err(format!(
+                "max_line_length: must be at least {RFC5321_MAX_LINE} (RFC 5321 lets clients send lines that long)"
+            ));
         }
         if self.max_recipients == 0 {
             return Err("max_recipients: must be at least 1".into());
@@ -216,6 +232,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:2525");
         assert_eq!(config.max_message_bytes, 30 * 1024 * 1024);
         assert_eq!(config.max_recipients, 1000);
+        assert_eq!(config.max_line_length, 998);
         assert!(config.auth_requires_tls);
         assert_eq!(config.relay_networks.len(), 2);
         assert!(config.relay_networks.iter().all(|n| n.addr().is_loopback()));
@@ -247,6 +264,7 @@ mod tests {
         };
         assert!(check(&|c| c.max_message_bytes = 10).starts_with("max_message_bytes:"));
         assert!(check(&|c| c.max_recipients = 0).starts_with("max_recipients:"));
+        assert!(check(&|c| c.max_line_length = 997).starts_with("max_line_length:"));
         assert!(check(&|c| c.max_errors = 0).starts_with("max_errors:"));
         assert!(check(&|c| c.command_timeout = Duration::ZERO).starts_with("command_timeout:"));
         assert!(check(&|c| c.hostname = "bad host".into()).starts_with("hostname:"));

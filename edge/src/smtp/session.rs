@@ -90,11 +90,14 @@ enum Mode {
     Data {
         receiver: DataReceiver,
         body: Vec<u8>,
+        lines: LineLength,
         deadline: Instant,
     },
-    /// Message data past `max_message_bytes`: read to the final dot, keep nothing.
+    /// Message data that will be refused (too big, a line too long): read to the final dot,
+    /// keep nothing, then say why.
     DiscardData {
         receiver: DummyDataReceiver,
+        refusal: Refusal,
         deadline: Instant,
     },
     /// The chunk of a refused `BDAT`.
@@ -106,6 +109,59 @@ enum Mode {
     },
 }
 
+/// Why the data of a message is being discarded.
+#[derive(Clone, Copy)]
+enum Refusal {
+    TooBig,
+    /// The number of the first line (1-based) longer than `max_line_length`.
+    LongLine(usize),
+}
+
+/// Follows the length of the current line of message data across reads. A lone CR or LF
+/// ends a line too: they become CRLF when the message is stored.
+struct LineLength {
+    max: usize,
+    current: usize,
+    /// Lines ended so far.
+    ended: usize,
+    after_cr: bool,
+}
+
+impl LineLength {
+    fn new(max: usize) -> Self {
+        LineLength { max, current: 0, ended: 0, after_cr: false }
+    }
+
+    /// Takes the next bytes of (dot-unstuffed) data; returns the number of the first line
+    /// found longer than `max`.
+    fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        for &b in bytes {
+            match b {
+                b'\r' => {
+                    self.ended += 1;
+                    self.current = 0;
+                    self.after_cr = true;
+                }
+                b'\n' => {
+                    if !self.after_cr {
+                        self.ended += 1;
+                    }
+                    self.current = 0;
+                    self.after_cr = false;
+                }
+                _ => {
+                    self.after_cr = false;
+                    self.current += 1;
+                    if self.current > self.max {
+                        return Some(self.ended + 1);
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
 struct Helo {
     name: String,
     extended: bool,
@@ -113,7 +169,6 @@ struct Helo {
 
 /// A mail transaction: from MAIL to the end of DATA (or RSET).
 struct Transaction {
-    tenant: String,
     mail_from: String,
     recipients: Vec<String>,
     smtputf8: bool,
@@ -265,16 +320,22 @@ impl Session {
                 }
                 Flow::Continue
             }
-            Mode::Data { receiver, body, deadline } => {
+            Mode::Data { receiver, body, lines, deadline } => {
+                let start = body.len();
                 let complete = receiver.ingest(bytes, body);
-                if body.len() > self.shared.config.max_message_bytes {
-                    let receiver = DummyDataReceiver::new_data(receiver);
-                    *mode = Mode::DiscardData { receiver, deadline: *deadline };
+                let refusal = if body.len() > self.shared.config.max_message_bytes {
+                    Some(Refusal::TooBig)
+                } else {
+                    lines.feed(&body[start..]).map(Refusal::LongLine)
+                };
+                if let Some(refusal) = refusal {
                     // The final dot may already have been consumed.
                     if complete {
                         *mode = Mode::Command;
-                        return self.message_too_big(out);
+                        return self.refuse_data(refusal, out);
                     }
+                    let receiver = DummyDataReceiver::new_data(receiver);
+                    *mode = Mode::DiscardData { receiver, refusal, deadline: *deadline };
                     return Flow::Continue;
                 }
                 if !complete {
@@ -284,12 +345,13 @@ impl Session {
                 *mode = Mode::Command;
                 self.end_of_data(body, out).await
             }
-            Mode::DiscardData { receiver, .. } => {
+            Mode::DiscardData { receiver, refusal, .. } => {
                 if !receiver.ingest(bytes) {
                     return Flow::Continue;
                 }
+                let refusal = *refusal;
                 *mode = Mode::Command;
-                self.message_too_big(out)
+                self.refuse_data(refusal, out)
             }
             Mode::DiscardChunk(receiver) => {
                 if receiver.ingest(bytes) {
@@ -410,13 +472,6 @@ impl Session {
         if self.transaction.is_some() {
             return self.reply(out, reply::NESTED_MAIL);
         }
-        let tenant = match self.relay() {
-            RelayDecision::Allowed { tenant } => tenant,
-            RelayDecision::AuthenticationRequired => {
-                metrics::counter!("sluice_smtp_relay_denied_total").increment(1);
-                return self.reply(out, reply::AUTH_REQUIRED);
-            }
-        };
         if let Some(param) = unsupported_mail_parameter(&from) {
             return self
                 .reply(out, Reply::with_text(555, [5, 5, 4], format!("MAIL parameter {param} is not supported")));
@@ -441,7 +496,7 @@ impl Session {
                 return self.reply(out, reply::BAD_SENDER_SYNTAX);
             }
         }
-        self.transaction = Some(Transaction { tenant, mail_from: from.address, recipients: Vec::new(), smtputf8 });
+        self.transaction = Some(Transaction { mail_from: from.address, recipients: Vec::new(), smtputf8 });
         self.reply(out, reply::SENDER_OK)
     }
 
@@ -449,8 +504,15 @@ impl Session {
         let Some(transaction) = &self.transaction else {
             return self.reply(out, reply::NEED_MAIL);
         };
-        // Checked again per recipient so that no path through the session skips the policy.
+        // The relay policy is applied here, per recipient, rather than at MAIL: like Postfix
+        // (smtpd_delay_reject = yes), because some clients handle a refused MAIL badly and
+        // because the refusal is then logged with the recipient it was for. The code is RFC
+        // 4954's 530 5.7.0 rather than Postfix's "554 5.7.1 Relay access denied": the
+        // client can fix it by authenticating, and the reply says so. Each refusal counts
+        // towards `max_errors`, so a client probing for an open relay is cut off.
         if self.relay() == RelayDecision::AuthenticationRequired {
+            metrics::counter!("sluice_smtp_relay_denied_total").increment(1);
+            info!(peer = %self.peer, rcpt = %to.address, "smtp relay refused: not authenticated and not from a relay network");
             return self.reply(out, reply::AUTH_REQUIRED);
         }
         if !to.address.is_ascii() && !transaction.smtputf8 {
@@ -485,26 +547,47 @@ impl Session {
         *mode = Mode::Data {
             receiver,
             body: Vec::with_capacity(16 * 1024),
+            lines: LineLength::new(self.shared.config.max_line_length),
             deadline: Instant::now() + self.shared.config.data_timeout,
         };
         out.extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
         Flow::Continue
     }
 
-    fn message_too_big(&mut self, out: &mut Vec<u8>) -> Flow {
+    /// The final dot of a message whose data was discarded: nothing is queued.
+    fn refuse_data(&mut self, refusal: Refusal, out: &mut Vec<u8>) -> Flow {
         self.transaction = None;
-        metrics::counter!("sluice_smtp_messages_rejected_total", "reason" => "too_big").increment(1);
-        let max = self.shared.config.max_message_bytes;
-        self.reply(
-            out,
-            Reply::with_text(552, [5, 3, 4], format!("Message too big for system (the limit is {max} bytes)")),
-        )
+        let (reason, reply) = match refusal {
+            Refusal::TooBig => {
+                let max = self.shared.config.max_message_bytes;
+                let text = format!("Message too big for system (the limit is {max} bytes)");
+                ("too_big", Reply::with_text(552, [5, 3, 4], text))
+            }
+            Refusal::LongLine(line) => {
+                let max = self.shared.config.max_line_length;
+                let text = format!(
+                    "Line {line} of the message is longer than {max} bytes (RFC 5321 allows 998); \
+                     encode long lines as quoted-printable or base64. The message was not queued"
+                );
+                ("line_too_long", Reply::with_text(550, [5, 6, 0], text))
+            }
+        };
+        metrics::counter!("sluice_smtp_messages_rejected_total", "reason" => reason).increment(1);
+        info!(peer = %self.peer, reason = %reply.text, "smtp message refused");
+        self.reply(out, reply)
     }
 
     /// The final dot arrived: prepare the message, make it durable, and only then say 250.
     async fn end_of_data(&mut self, data: Vec<u8>, out: &mut Vec<u8>) -> Flow {
         let Some(transaction) = self.transaction.take() else {
             return self.reply(out, reply::NEED_MAIL);
+        };
+        // Every recipient passed the relay policy at RCPT, and nothing that changes it (AUTH,
+        // STARTTLS) is allowed inside a transaction; decided once more so that no path
+        // through the session can skip it.
+        let tenant = match self.relay() {
+            RelayDecision::Allowed { tenant } => tenant,
+            RelayDecision::AuthenticationRequired => return self.reply(out, reply::AUTH_REQUIRED),
         };
         let queue_id = ulid::Ulid::new().to_string();
         let trace = Trace {
@@ -538,7 +621,7 @@ impl Session {
         };
         let recipients = transaction.recipients.len();
         let submission = Submission {
-            tenant: transaction.tenant,
+            tenant,
             mail_from: transaction.mail_from,
             recipients: transaction.recipients,
             body: prepared.body,
@@ -696,6 +779,23 @@ fn is_valid_mailbox(address: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn line_length_is_followed_across_reads_and_line_endings() {
+        let mut lines = LineLength::new(4);
+        assert_eq!(lines.feed(b"abcd\r\nab"), None);
+        // The line started in the previous read goes on: "ab" + "cd" is 4, then "e" is 5.
+        assert_eq!(lines.feed(b"cd"), None);
+        assert_eq!(lines.feed(b"e"), Some(2));
+        // A lone LF or CR ends a line too (they are stored as CRLF).
+        let mut lines = LineLength::new(4);
+        assert_eq!(lines.feed(b"1234\n1234\r1234\r\n\r\n1234"), None);
+        assert_eq!(lines.feed(b"5"), Some(5));
+        let mut lines = LineLength::new(998);
+        assert_eq!(lines.feed(&[b'x'; 998]), None);
+        assert_eq!(lines.feed(b"\r\n"), None);
+        assert_eq!(lines.feed(&[b'y'; 999]), Some(2));
+    }
 
     #[test]
     fn mailboxes_need_a_host_name() {

@@ -135,6 +135,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Client { io: BufReader::new(io) }
     }
 
+    /// The stream, for tests that read and write it separately (nothing may be buffered).
+    pub fn into_inner(self) -> S {
+        assert!(self.io.buffer().is_empty(), "unread replies in the buffer");
+        self.io.into_inner()
+    }
+
     /// Writes raw bytes (several commands at once when pipelining).
     pub async fn send(&mut self, raw: impl AsRef<[u8]>) {
         let io = self.io.get_mut();

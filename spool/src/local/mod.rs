@@ -24,7 +24,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, Pers
 use crate::spool::{Lease, LeaseRequest, Leased, Spool, SpoolCounts};
 use crate::suppression::{self, suppression_key, Suppression, SuppressionList};
 use crate::{now_ms, Message, MessageId, MessageMeta, SpoolError};
-use group_commit::GroupCommitter;
+pub use group_commit::CommitStats;
+use group_commit::{CommitTarget, GroupCommitter};
 use keys::{index_key, index_key_min, index_value, parse_index_key, parse_index_value};
 
 /// Options for [`LocalSpool::open`].
@@ -118,6 +119,21 @@ impl LocalSpool {
         store.recover()?;
         let committer = GroupCommitter::start(store.clone(), opts.max_batch_messages, opts.max_batch_bytes);
         Ok(LocalSpool { store, committer })
+    }
+
+    /// How many group commits (fsyncs) have made how many enqueued messages durable since
+    /// the spool was opened.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.committer.stats()
+    }
+}
+
+impl CommitTarget for Store {
+    fn insert_batch(&self, batch: &[Message]) -> Result<(), SpoolError> {
+        Store::insert_batch(self, batch)
+    }
+    fn sync(&self) -> Result<(), SpoolError> {
+        Store::sync(self)
     }
 }
 
