@@ -281,7 +281,8 @@ pub fn section(r: &BenchReport) -> String {
             let (Some(d), Some(base)) = (p.delivered_per_s, plain.delivered_per_s) else { continue };
             let mut text = format!("{:.2}× the delivered msgs/s without DKIM ({} vs {})", d / base, thousands(d), thousands(base));
             if let (Some(c), Some(c0)) = (p.cpu_per_message(), plain.cpu_per_message()) {
-                text.push_str(&format!(", {:+.0} µs of sluice CPU per message", (c - c0) * 1e6));
+                let extra = (c - c0) * 1e6;
+                text.push_str(&format!(", {}{} µs of sluice CPU per message", if extra < 0.0 { "−" } else { "+" }, thousands(extra.abs())));
             }
             out.push_str(&format!("| (for comparison) cost of {} | {text} | |\n", p.variant));
         }
