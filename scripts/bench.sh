@@ -6,13 +6,16 @@
 # Builds release binaries of sluice and sluice-load, starts the mock ISPs and the test DNS,
 # and measures in one run: the tools' own ceiling, sluice on the local spool (SMTP in, HTTP
 # in with 1 and 10 messages per request, HTTP at half the maximum rate for the 202 latency),
-# sluice on a Ceph spool (a throwaway cluster from scripts/ceph-cluster.sh; skipped with
-# --quick or --no-ceph, or when Ceph is not installed), and Postfix relaying the same SMTP
-# workload to the same mock ISPs. The results replace the "Latest run" section of
+# the same SMTP row with DKIM signing (RSA-2048, and RSA-2048 + Ed25519) next to
+# `openssl speed rsa2048`, sluice on a Ceph spool as one process and as 2 edges + 2 MTAs (a
+# throwaway cluster from scripts/ceph-cluster.sh; skipped with --quick unless --ceph, with
+# --no-ceph, or when Ceph is not installed), and Postfix relaying the same SMTP workload to
+# the same mock ISPs. The results replace the "Latest run" section of
 # docs/benchmarks.md (unless --no-docs) and are printed; the JSON goes to
 # $SLUICE_BENCH_DIR/bench.json when that is set.
 #
 # --quick: 5,000 messages per row instead of 50,000 and fewer rows (a few minutes).
+# Only some rows: `-- --only local,dkim` (groups: tools, local, dkim, rados, postfix).
 # Everything else: `sluice-load bench --help`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

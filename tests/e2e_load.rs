@@ -120,3 +120,101 @@ timeout = "2s"
     assert_eq!(comparison.delivered, 72);
     assert!(sluice.stop(), "sluice exits cleanly");
 }
+
+/// `sluice-load bench`'s own arguments, parsed as on its command line.
+#[derive(clap::Parser)]
+struct BenchCli {
+    #[command(flatten)]
+    args: sluice_load::bench::BenchArgs,
+}
+
+fn bench_args(dir: &std::path::Path, extra: &[&str]) -> sluice_load::bench::BenchArgs {
+    use clap::Parser;
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut argv = vec!["bench".to_string(), "--sluice".into(), support::binary().into(), "--quick".into(), "--no-postfix".into()];
+    for (flag, value) in [("--messages", "40".to_string()), ("--warmup", "5".into()), ("--concurrency", "4".into())] {
+        argv.extend([flag.to_string(), value]);
+    }
+    for (flag, name) in [("--work-dir", "run"), ("--json", "bench.json"), ("--markdown", "bench.md")] {
+        argv.extend([flag.to_string(), path(name)]);
+    }
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    BenchCli::parse_from(argv).args
+}
+
+fn bench_phase<'a>(report: &'a serde_json::Value, spool: &str, variant: &str) -> &'a serde_json::Value {
+    report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["system"] == "sluice" && p["spool"] == spool && p["variant"] == variant)
+        .unwrap_or_else(|| panic!("no {spool} {variant:?} row in {report:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_harness_measures_sluice_with_and_without_dkim() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.md"), "# Benchmarks\n").unwrap();
+    let args = bench_args(dir.path(), &["--only", "dkim", "--dkim-sample", "1"]);
+    sluice_load::bench::run(args, CancellationToken::new()).await.unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("bench.json")).unwrap()).unwrap();
+    assert_eq!(report["phases"].as_array().unwrap().len(), 3, "the plain row and the two DKIM rows: {report:#}");
+    let plain = bench_phase(&report, "local", "");
+    assert!(plain["dkim"].is_null(), "no verification without signing");
+    for variant in ["", "DKIM RSA-2048", "DKIM RSA-2048 + Ed25519"] {
+        let p = bench_phase(&report, "local", variant);
+        assert_eq!((p["messages"].as_u64(), p["delivered"].as_u64()), (Some(40), Some(40)), "{variant}: {p:#}");
+        assert!(p["cpu_seconds"].as_f64().unwrap() > 0.0 && p["peak_memory_mib"].as_f64().unwrap() > 0.0, "{p:#}");
+        if variant.is_empty() {
+            continue;
+        }
+        // Every measured message was sampled: verified by the mock ISPs against the keys the
+        // harness published in the test DNS, or skipped while eight verifications ran.
+        let d = &p["dkim"];
+        let n = |k: &str| d[k].as_u64().unwrap();
+        assert!(n("pass") > 0, "{variant}: {d}");
+        assert_eq!((n("fail"), n("unsigned"), n("temperror")), (0, 0, 0), "{variant}: {d}");
+        assert_eq!(n("checked"), n("pass"));
+        assert_eq!(n("checked") + n("skipped"), 40, "{variant}: {d}");
+        assert!(p["notes"].as_array().unwrap().is_empty(), "{p:#}");
+    }
+    let openssl = report["openssl_rsa2048_sign_per_s"].as_array().unwrap();
+    if std::process::Command::new("openssl").arg("version").output().is_ok() {
+        assert_eq!(openssl.len(), 2, "openssl speed before and after the DKIM rows");
+        assert!(openssl.iter().all(|x| x.as_f64().unwrap() > 0.0));
+    }
+    let md = std::fs::read_to_string(dir.path().join("bench.md")).unwrap();
+    assert!(md.starts_with("# Benchmarks\n"), "the rest of the file is kept");
+    assert!(md.contains("| sluice | local | SMTP | "), "{md}");
+    assert!(md.contains("| sluice (DKIM RSA-2048) | local | SMTP | "), "{md}");
+    assert!(md.contains("| sluice (DKIM RSA-2048 + Ed25519) | local | SMTP | "), "{md}");
+    assert!(md.contains("| with DKIM RSA-2048: ≥ 60% of the signing ceiling"), "{md}");
+    assert!(md.contains("| (for comparison) cost of DKIM RSA-2048 + Ed25519 |"), "{md}");
+    assert!(md.contains("verified the DKIM signatures of"), "{md}");
+}
+
+/// Two edges and two MTAs on one pool of the test command's Ceph cluster.
+#[cfg(feature = "rados")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_harness_runs_two_edges_and_two_mtas_on_one_pool() {
+    let conf = std::env::var("SLUICE_CEPH_CONF").expect("SLUICE_CEPH_CONF is not set: run scripts/test.sh, which starts a Ceph cluster");
+    let pool = std::env::var("SLUICE_CEPH_POOL").unwrap_or_else(|_| "sluice".into());
+    let dir = tempfile::tempdir().unwrap();
+    let args = bench_args(dir.path(), &["--only", "rados", "--ceph-conf", &conf, "--ceph-pool", &pool]);
+    sluice_load::bench::run(args, CancellationToken::new()).await.unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("bench.json")).unwrap()).unwrap();
+    assert!(report["notes"].as_array().unwrap().is_empty(), "{report:#}");
+    let one = bench_phase(&report, "rados", "");
+    let nodes = bench_phase(&report, "rados", "2 edges + 2 MTAs");
+    assert_eq!((one["processes"].as_u64(), nodes["processes"].as_u64()), (Some(1), Some(4)));
+    for p in [one, nodes] {
+        assert_eq!((p["messages"].as_u64(), p["delivered"].as_u64()), (Some(40), Some(40)), "{p:#}");
+        assert!(p["cpu_seconds"].as_f64().unwrap() > 0.0 && p["peak_memory_mib"].as_f64().unwrap() > 0.0, "{p:#}");
+        assert!(p["errors"].as_object().unwrap().is_empty(), "{p:#}");
+    }
+    let md = std::fs::read_to_string(dir.path().join("bench.md")).unwrap();
+    assert!(md.contains("| sluice (2 edges + 2 MTAs) | rados | SMTP | "), "{md}");
+    if report["rados_bench_writes_per_s"].is_number() {
+        assert!(md.contains("| Ceph spool, 2 edges + 2 MTAs: delivered ≥ 50% of `rados bench`"), "{md}");
+    }
+}

@@ -40,12 +40,14 @@ enum Command {
 
 #[derive(Args)]
 struct GenArgs {
-    /// Inject over SMTP to this address.
+    /// Inject over SMTP to this address; repeat it to spread the connections over several
+    /// (e.g. edge nodes), round-robin.
     #[arg(long, value_name = "ADDR", conflicts_with = "http", required_unless_present = "http")]
-    smtp: Option<SocketAddr>,
-    /// Inject over the SendGrid v3 API (`POST /v3/mail/send`) at this address.
+    smtp: Vec<SocketAddr>,
+    /// Inject over the SendGrid v3 API (`POST /v3/mail/send`) at this address; repeat it to
+    /// spread the connections over several.
     #[arg(long, value_name = "ADDR")]
-    http: Option<SocketAddr>,
+    http: Vec<SocketAddr>,
     /// API key for HTTP (`Authorization: Bearer`).
     #[arg(long, env = "SLUICE_API_KEY", default_value = "")]
     api_key: String,
@@ -132,6 +134,10 @@ struct SinkArgs {
     /// With --fleet: where DKIM keys are looked up (instead of the fleet file's `dns`).
     #[arg(long)]
     dns: Option<SocketAddr>,
+    /// Seed the percentage draws of the rules, for repeatable runs (with --fleet, provider i
+    /// gets SEED + i).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Write the Message-ID of every accepted message to this file.
     #[arg(long)]
     ledger: Option<PathBuf>,
@@ -255,29 +261,41 @@ async fn run_gen(a: GenArgs) -> Result<ExitCode> {
             .collect::<Result<Vec<_>>>()?
     };
     let domains = Weighted::new(domains).context("--domain: give at least one domain with a weight above zero")?;
-    let target = match (a.smtp, a.http) {
-        (Some(addr), _) => Target::Smtp(SmtpTarget {
-            addr,
-            helo: a.helo,
-            starttls: a.starttls,
-            tls_name: a.tls_name,
-            auth: a
-                .auth
-                .map(|s| s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string())).context("--auth: expected USER:PASSWORD"))
-                .transpose()?,
-            messages_per_connection: a.messages_per_connection,
-            timeout: a.timeout,
-        }),
-        (None, Some(addr)) => {
-            if a.api_key.is_empty() {
-                bail!("--http needs --api-key (or SLUICE_API_KEY)");
-            }
-            Target::Http(HttpTarget { addr, api_key: a.api_key, personalizations: a.personalizations, timeout: a.timeout })
+    let mut targets: Vec<Target> = if !a.smtp.is_empty() {
+        let auth = a
+            .auth
+            .map(|s| s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string())).context("--auth: expected USER:PASSWORD"))
+            .transpose()?;
+        a.smtp
+            .iter()
+            .map(|addr| {
+                Target::Smtp(SmtpTarget {
+                    addr: *addr,
+                    helo: a.helo.clone(),
+                    starttls: a.starttls,
+                    tls_name: a.tls_name.clone(),
+                    auth: auth.clone(),
+                    messages_per_connection: a.messages_per_connection,
+                    timeout: a.timeout,
+                })
+            })
+            .collect()
+    } else if !a.http.is_empty() {
+        if a.api_key.is_empty() {
+            bail!("--http needs --api-key (or SLUICE_API_KEY)");
         }
-        (None, None) => bail!("give --smtp ADDR or --http ADDR"),
+        a.http
+            .iter()
+            .map(|addr| {
+                Target::Http(HttpTarget { addr: *addr, api_key: a.api_key.clone(), personalizations: a.personalizations, timeout: a.timeout })
+            })
+            .collect()
+    } else {
+        bail!("give --smtp ADDR or --http ADDR");
     };
+    let more = targets.split_off(1);
     let config = GenConfig {
-        target,
+        target: targets.remove(0),
         pace: a.rate.map_or(Pace::Closed, |rate| Pace::Open { rate }),
         concurrency: a.concurrency,
         stop: match (a.count, a.duration) {
@@ -297,7 +315,7 @@ async fn run_gen(a: GenArgs) -> Result<ExitCode> {
         ledger: a.ledger,
         progress: !a.quiet && !a.json,
     };
-    let report = gen::run(config, shutdown_signal()).await?;
+    let report = gen::run_spread(config, more, shutdown_signal()).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -325,6 +343,9 @@ async fn run_sink(a: SinkArgs) -> Result<ExitCode> {
             config.hostname = h;
         }
         config.starttls |= a.starttls;
+        if a.seed.is_some() {
+            config.scenario.seed = a.seed;
+        }
         if let Some(l) = &a.ledger {
             config.tracker = Some(std::sync::Arc::new(sluice_load::sink::Tracker::new().with_ledger(ledger::Ledger::create(l)?)));
         }
@@ -362,6 +383,9 @@ async fn run_sink(a: SinkArgs) -> Result<ExitCode> {
     let mut fleet_config = FleetConfig::from_arg(&fleet_arg)?;
     if let Some(p) = a.port {
         fleet_config.port = p;
+    }
+    if a.seed.is_some() {
+        fleet_config.seed = a.seed;
     }
     let options = sluice_load::sink::FleetOptions { ledger: a.ledger, dns: a.dns, record_messages: false };
     let fleet = Fleet::start(fleet_config, options).await?;

@@ -1,12 +1,15 @@
 //! The generator against the sink: counting, ledgers, warm-up, open loop, STARTTLS, the
 //! scenario percentages and the per-IP limits seen from the client side.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_load::gen::{self, GenConfig, Pace, SmtpTarget, Stop, Target, Weighted, Workload};
+use sluice_load::gen::{self, GenConfig, HttpTarget, Pace, SmtpTarget, Stop, Target, Weighted, Workload};
 use sluice_load::ledger::{self, Ledger};
-use sluice_load::sink::{Limits, Rule, Scenario, Sink, SinkConfig, Stage, Tracker};
+use sluice_load::sink::{Latency, Limits, Match, Rule, Scenario, Sink, SinkConfig, Stage, Tracker};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
@@ -24,9 +27,13 @@ fn workload(run_id: &str) -> Workload {
 }
 
 fn smtp(sink: &Sink, concurrency: usize, stop: Stop) -> GenConfig {
+    smtp_to(sink.addr(), concurrency, stop)
+}
+
+fn smtp_to(addr: SocketAddr, concurrency: usize, stop: Stop) -> GenConfig {
     GenConfig {
         target: Target::Smtp(SmtpTarget {
-            addr: sink.addr(),
+            addr,
             helo: "gen.test".into(),
             starttls: false,
             tls_name: "localhost".into(),
@@ -200,4 +207,141 @@ async fn per_connection_limits_refuse_with_421_and_the_client_reconnects() {
     assert_eq!((report.messages.acknowledged, report.messages.failed), (6, 2));
     assert!(report.errors["mail 421 4.7.0"] == 2, "{:?}", report.errors);
     assert_eq!(sink.stats().connections, 2);
+}
+
+#[tokio::test]
+async fn open_loop_latency_counts_from_the_intended_send_time() {
+    // Coordinated omission: a server that answers every message after 100 ms, two
+    // connections, so at most 20 messages a second get through; the generator is asked for
+    // three times that. Measured from the intended send time, the latency grows with the
+    // backlog; measured from when a connection got round to sending (which is what a closed
+    // loop sees) it would stay near 100 ms.
+    let delay = Duration::from_millis(100);
+    let latency = Latency { end_of_data: Some(delay), ..Latency::default() };
+    let sink = Sink::start(SinkConfig { latency, scenario: Scenario::accept_all(), record_messages: false, ..SinkConfig::default() })
+        .await
+        .unwrap();
+    let (connections, n) = (2usize, 90u64);
+    let capacity = connections as f64 / delay.as_secs_f64();
+    let rate = 3.0 * capacity;
+    let mut config = smtp(&sink, connections, Stop::Count(n));
+    config.pace = Pace::Open { rate };
+    let report = gen::run(config, CancellationToken::new()).await.unwrap();
+    assert_eq!((report.messages.acknowledged, report.messages.failed), (n, 0), "{:?}", report.errors);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    assert!(report.latency.p99_ms >= 5.0 * ms(delay), "p99 {} ms at 3× capacity", report.latency.p99_ms);
+    // A lower bound whatever the machine's speed: each connection finishes at most one
+    // message per `delay`, so the last of the n is answered no earlier than n/connections ×
+    // delay after the start, while it was due at (n − 1)/rate.
+    let backlog = ms(delay) * (n as f64 / connections as f64) - 1000.0 * (n - 1) as f64 / rate;
+    assert!(backlog > 2500.0, "the setup builds a backlog of {backlog} ms");
+    assert!(report.latency.max_ms >= 0.99 * backlog, "max {} ms, below the backlog's {backlog} ms", report.latency.max_ms);
+    // The X-Load-Sent stamp carries the intended time too: the sink sees the same backlog.
+    let e2e = sink.tracker().report().end_to_end;
+    assert_eq!(e2e.count, n);
+    assert!(e2e.p99_ms >= 5.0 * ms(delay), "end-to-end p99 {} ms", e2e.p99_ms);
+}
+
+/// A TCP relay that records every chunk the client writes: what went out in one write.
+async fn recording_relay(to: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let chunks = Arc::new(Mutex::new(Vec::new()));
+    let c = chunks.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let chunks = c.clone();
+            tokio::spawn(async move {
+                let _ = client.set_nodelay(true);
+                let server = TcpStream::connect(to).await.unwrap();
+                let _ = server.set_nodelay(true);
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    chunks.lock().unwrap().push(buf[..n].to_vec());
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = sw.shutdown().await;
+            });
+        }
+    });
+    (addr, chunks)
+}
+
+fn commands_in(chunk: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(chunk);
+    text.matches("MAIL FROM:").count() + text.matches("RCPT TO:").count()
+}
+
+#[tokio::test]
+async fn without_pipelining_the_generator_waits_for_each_reply() {
+    let scenario = Scenario::accept_all()
+        .rule(Rule::at(Stage::Rcpt).when(Match::Domain("bounce.load.test".into())).reply("550 5.1.1 No such user"))
+        .rule(Rule::at(Stage::Rcpt).when(Match::Domain("defer.load.test".into())).reply("451 4.7.1 Try again later"));
+    let sink = Sink::start(SinkConfig { pipelining: false, scenario: scenario.clone(), record_messages: false, ..SinkConfig::default() })
+        .await
+        .unwrap();
+    let (relay, chunks) = recording_relay(sink.addr()).await;
+    let n = 90;
+    let mut config = smtp_to(relay, 2, Stop::Count(n));
+    config.workload.domains = Weighted::new(["ok.load.test", "bounce.load.test", "defer.load.test"].map(|d| (d.to_string(), 1.0))).unwrap();
+    let report = gen::run(config, CancellationToken::new()).await.unwrap();
+    let class = |c: &str| report.errors.get(c).copied().unwrap_or(0);
+    let (bounced, deferred) = (class("rcpt 550 5.1.1"), class("rcpt 451 4.7.1"));
+    assert_eq!(report.errors.len(), 2, "only the two scenario replies: {:?}", report.errors);
+    assert!(bounced > 0 && deferred > 0 && report.messages.acknowledged > 0, "{report:?}");
+    assert_eq!(report.messages.failed, bounced + deferred);
+    assert_eq!(report.messages.acknowledged + report.messages.failed, n);
+    assert!(sink.wait_for_messages(report.messages.acknowledged, T).await);
+    let stats = sink.stats();
+    assert_eq!(stats.messages, report.messages.acknowledged);
+    assert_eq!(stats.replies_at(Stage::Rcpt, 550..551), bounced);
+    assert_eq!(stats.replies_at(Stage::Rcpt, 451..452), deferred);
+    assert_eq!(stats.commands_at(Stage::Mail), n);
+    // One command per write, and DATA only after an accepted recipient (a pipelining client
+    // sends DATA blindly and has it refused).
+    assert_eq!(stats.commands_at(Stage::Data), report.messages.acknowledged);
+    let written = chunks.lock().unwrap().clone();
+    assert!(written.iter().all(|c| commands_in(c) <= 1), "a write carried several commands");
+
+    // The relay does see pipelining when the server offers it: the check above can fail.
+    let pipelining = Sink::start(SinkConfig { scenario, record_messages: false, ..SinkConfig::default() }).await.unwrap();
+    let (relay, chunks) = recording_relay(pipelining.addr()).await;
+    let mut config = smtp_to(relay, 1, Stop::Count(5));
+    config.workload.run_id = "pipelined".into();
+    assert_eq!(gen::run(config, CancellationToken::new()).await.unwrap().messages.acknowledged, 5);
+    assert!(chunks.lock().unwrap().iter().any(|c| commands_in(c) >= 2), "MAIL and RCPT in one write");
+}
+
+#[tokio::test]
+async fn connections_spread_over_several_targets() {
+    let (a, b) = (accept_all(None).await, accept_all(None).await);
+    let config = smtp(&a, 4, Stop::Count(40));
+    let other = Target::Smtp(SmtpTarget { addr: b.addr(), ..match &config.target {
+        Target::Smtp(t) => t.clone(),
+        Target::Http(_) => unreachable!("an SMTP config"),
+    } });
+    let report = gen::run_spread(config.clone(), vec![other.clone()], CancellationToken::new()).await.unwrap();
+    assert_eq!((report.messages.acknowledged, report.messages.failed), (40, 0));
+    assert!(a.wait_for_messages(1, T).await && b.wait_for_messages(1, T).await);
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!(sa.messages + sb.messages, 40);
+    // Connections 0 and 2 go to the first target, 1 and 3 to the second.
+    assert!(sa.connections >= 2 && sb.connections >= 2, "{} and {} connections", sa.connections, sb.connections);
+
+    let http = Target::Http(HttpTarget { addr: b.addr(), api_key: "k".into(), personalizations: 1, timeout: T });
+    let err = gen::run_spread(config.clone(), vec![http], CancellationToken::new()).await.unwrap_err().to_string();
+    assert!(err.contains("targets[1]") && err.contains("transport"), "{err}");
+    let mut one = config;
+    one.concurrency = 1;
+    let err = gen::run_spread(one, vec![other], CancellationToken::new()).await.unwrap_err().to_string();
+    assert!(err.contains("concurrency") && err.contains("2 targets"), "{err}");
 }

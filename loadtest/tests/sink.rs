@@ -2,12 +2,12 @@
 //! wire format matters.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mail_send::smtp::message::Message;
 use mail_send::smtp::tls::build_tls_connector;
 use mail_send::SmtpClient;
-use sluice_load::sink::{Match, Rule, Scenario, Sink, SinkConfig, Stage};
+use sluice_load::sink::{Latency, Match, Rule, Scenario, Sink, SinkConfig, Stage};
 use smtp_proto::{EXT_PIPELINING, EXT_START_TLS};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -228,4 +228,39 @@ async fn scenario_can_be_replaced_while_running() {
     raw.cmd("EHLO client.test\r\n").await;
     assert_eq!(Raw::code(&raw.cmd("MAIL FROM:<s@from.test>\r\n").await), 550);
     assert_eq!(Raw::code(&raw.cmd("RCPT TO:<a@to.test>\r\n").await), 503, "no transaction after a rejected MAIL");
+}
+
+#[tokio::test]
+async fn per_command_latency_holds_back_the_reply_on_the_wire() {
+    // A lower bound only: the sink sleeps at least this long before replying, however busy the
+    // machine is. Stages without a latency answer without one (not asserted: that would be a
+    // timing threshold).
+    let (rcpt, eod) = (Duration::from_millis(150), Duration::from_millis(250));
+    let latency = Latency { rcpt: Some(rcpt), end_of_data: Some(eod), ..Latency::default() };
+    let sink = sink(SinkConfig { latency, scenario: Scenario::accept_all(), ..SinkConfig::default() }).await;
+    let mut raw = Raw::connect(sink.addr()).await;
+    raw.reply().await;
+    raw.cmd("EHLO client.test\r\n").await;
+    raw.cmd("MAIL FROM:<s@from.test>\r\n").await;
+    for _ in 0..2 {
+        let sent = Instant::now();
+        assert_eq!(Raw::code(&raw.cmd("RCPT TO:<a@to.test>\r\n").await), 250);
+        let took = sent.elapsed();
+        assert!(took >= rcpt, "RCPT answered after {took:?}, before the configured {rcpt:?}");
+    }
+    assert_eq!(Raw::code(&raw.cmd("DATA\r\n").await), 354);
+    let sent = Instant::now();
+    assert_eq!(Raw::code(&raw.cmd("Subject: slow\r\n\r\nx\r\n.\r\n").await), 250);
+    let took = sent.elapsed();
+    assert!(took >= eod, "end of DATA answered after {took:?}, before the configured {eod:?}");
+
+    // Pipelined: MAIL, RCPT and DATA in one write still wait out the RCPT latency.
+    let sent = Instant::now();
+    raw.send("MAIL FROM:<s@from.test>\r\nRCPT TO:<b@to.test>\r\nDATA\r\n").await;
+    assert_eq!(Raw::code(&raw.reply().await), 250);
+    assert_eq!(Raw::code(&raw.reply().await), 250);
+    let rcpt_took = sent.elapsed();
+    assert_eq!(Raw::code(&raw.reply().await), 354);
+    assert!(rcpt_took >= rcpt, "pipelined RCPT answered after {rcpt_took:?}");
+    assert_eq!(sink.stats().replies_at(Stage::Rcpt, 250..251), 3);
 }

@@ -46,6 +46,9 @@ pub fn phase_line(p: &Phase) -> String {
     if let Some(r) = p.peak_memory_mib {
         s.push_str(&format!(", peak memory {r:.0} MiB"));
     }
+    if let Some(d) = &p.dkim {
+        s.push_str(&format!(", DKIM sample: {} verified, {} failed, {} unsigned", d.pass, d.fail, d.unsigned));
+    }
     let errors: u64 = p.errors.values().sum();
     if errors > 0 {
         s.push_str(&format!(", {errors} errors {:?}", p.errors));
@@ -56,8 +59,17 @@ pub fn phase_line(p: &Phase) -> String {
     s
 }
 
+/// The plain row (no variant) of a system, spool and injection.
 fn find<'a>(r: &'a BenchReport, system: &str, spool: &str, injection: &str) -> Option<&'a Phase> {
-    r.phases.iter().find(|p| p.system.starts_with(system) && p.spool == spool && p.injection == injection)
+    find_variant(r, system, spool, injection, "")
+}
+
+fn find_variant<'a>(r: &'a BenchReport, system: &str, spool: &str, injection: &str, variant: &str) -> Option<&'a Phase> {
+    r.phases.iter().find(|p| p.system.starts_with(system) && p.spool == spool && p.injection == injection && p.variant == variant)
+}
+
+fn percent(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -91,12 +103,25 @@ pub fn section(r: &BenchReport) -> String {
         "Workload per row: {} measured messages after {} warm-up messages (delivered before measuring), {} each, one recipient, \
          recipient domains spread 40/20/20/20 over four mock ISPs that accept everything, {} injecting connections \
          (HTTP: keep-alive, one request in flight per connection). Each system runs alone; the generator, the mock ISPs and \
-         the DNS server share the machine with it.\n\n",
+         the DNS server share the machine with it.",
         thousands(r.messages_per_phase as f64),
         thousands(r.warmup_per_phase as f64),
         sizes.join(", "),
         r.concurrency
     ));
+    if r.phases.iter().any(|p| p.dkim.is_some()) {
+        out.push_str(
+            " The DKIM rows sign every message (`fallback = \"platform\"`, keys made by `sluice dkim keygen` and \
+             published in the test DNS); the mock ISPs verify the signatures of a sample.",
+        );
+    }
+    if r.phases.iter().any(|p| p.processes > 1 && p.system == "sluice") {
+        out.push_str(
+            " In the row with several sluice processes the generator spreads its connections over the edges, and CPU and \
+             memory are summed over all the processes.",
+        );
+    }
+    out.push_str("\n\n");
     out.push_str("| system | spool | injection | injected msgs/s | delivered msgs/s | end-to-end p50 / p99 / max (ms) | injection p99 (ms) | msgs per CPU-second | peak memory (MiB, PSS) |\n");
     out.push_str("|---|---|---|---:|---:|---|---:|---:|---:|\n");
     for p in &r.phases {
@@ -114,7 +139,7 @@ pub fn section(r: &BenchReport) -> String {
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            p.system,
+            p.label(),
             if p.spool.is_empty() { "–" } else { &p.spool },
             p.injection,
             thousands(p.injected_per_s),
@@ -128,13 +153,33 @@ pub fn section(r: &BenchReport) -> String {
     out.push('\n');
     for p in &r.phases {
         for n in &p.notes {
-            out.push_str(&format!("- {} ({} {}): {n}\n", p.system, p.spool, p.injection));
+            out.push_str(&format!("- {} ({} {}): {n}\n", p.label(), p.spool, p.injection));
         }
         let errors: u64 = p.errors.values().sum();
         if errors > 0 {
             let list: Vec<String> = p.errors.iter().map(|(e, n)| format!("{e} ×{n}")).collect();
-            out.push_str(&format!("- {} ({} {}): errors while injecting: {}\n", p.system, p.spool, p.injection, list.join(", ")));
+            out.push_str(&format!("- {} ({} {}): errors while injecting: {}\n", p.label(), p.spool, p.injection, list.join(", ")));
         }
+        if let Some(d) = &p.dkim {
+            out.push_str(&format!(
+                "- {}: the mock ISPs verified the DKIM signatures of {} sampled messages: {} passed, {} failed, {} unsigned, \
+                 {} temporary errors ({} samples skipped while 8 verifications were running).\n",
+                p.label(),
+                d.checked,
+                d.pass,
+                d.fail,
+                d.unsigned,
+                d.temperror,
+                d.skipped
+            ));
+        }
+    }
+    if !r.openssl_rsa2048_sign_per_s.is_empty() {
+        let runs: Vec<String> = r.openssl_rsa2048_sign_per_s.iter().map(|x| thousands(*x)).collect();
+        out.push_str(&format!(
+            "- `openssl speed -seconds 3 rsa2048` in this run (before / after the DKIM rows): {} signatures/s on one core.\n",
+            runs.join(" / ")
+        ));
     }
     for n in &r.notes {
         out.push_str(&format!("- {n}\n"));
@@ -206,6 +251,50 @@ pub fn section(r: &BenchReport) -> String {
             verdict(share >= 0.5)
         ));
     }
+    let signing_ceiling = (!r.openssl_rsa2048_sign_per_s.is_empty())
+        .then(|| r.openssl_rsa2048_sign_per_s.iter().sum::<f64>() / r.openssl_rsa2048_sign_per_s.len() as f64);
+    let rsa = find_variant(r, "sluice", "local", "SMTP", "DKIM RSA-2048");
+    let dual = find_variant(r, "sluice", "local", "SMTP", "DKIM RSA-2048 + Ed25519");
+    if let (Some(ceiling), Some(d)) = (signing_ceiling, delivered(rsa)) {
+        let cores = r.machine.cpus.max(1) as f64;
+        out.push_str(&format!(
+            "| with DKIM RSA-2048: ≥ 60% of the signing ceiling (delivered msgs/s ÷ `openssl speed rsa2048` sign/s, one core) | \
+             {} ({} msgs/s of {} sign/s; {} of all {} cores' {}) | {} |\n",
+            percent(d / ceiling),
+            thousands(d),
+            thousands(ceiling),
+            percent(d / (ceiling * cores)),
+            r.machine.cpus.max(1),
+            thousands(ceiling * cores),
+            verdict(d / ceiling >= 0.6)
+        ));
+        if let Some(dd) = delivered(dual) {
+            out.push_str(&format!(
+                "| (for comparison) DKIM RSA-2048 + Ed25519 | {} of the RSA-2048 ceiling ({} msgs/s) | |\n",
+                percent(dd / ceiling),
+                thousands(dd)
+            ));
+        }
+    }
+    if let Some(plain) = smtp {
+        for p in [rsa, dual].into_iter().flatten() {
+            let (Some(d), Some(base)) = (p.delivered_per_s, plain.delivered_per_s) else { continue };
+            let mut text = format!("{:.2}× the delivered msgs/s without DKIM ({} vs {})", d / base, thousands(d), thousands(base));
+            if let (Some(c), Some(c0)) = (p.cpu_per_message(), plain.cpu_per_message()) {
+                let extra = (c - c0) * 1e6;
+                text.push_str(&format!(", {}{} µs of sluice CPU per message", if extra < 0.0 { "−" } else { "+" }, thousands(extra.abs())));
+            }
+            out.push_str(&format!("| (for comparison) cost of {} | {text} | |\n", p.variant));
+        }
+    }
+    let nodes = find_variant(r, "sluice", "rados", "SMTP", "2 edges + 2 MTAs");
+    if let (Some(rb), Some(d)) = (r.rados_bench_writes_per_s, delivered(nodes)) {
+        let mut text = format!("{} ({} of {})", percent(d / rb), thousands(d), thousands(rb));
+        if let Some(one) = delivered(rados) {
+            text.push_str(&format!("; {:.2}× one process", d / one));
+        }
+        out.push_str(&format!("| Ceph spool, 2 edges + 2 MTAs: delivered ≥ 50% of `rados bench` 4 KiB writes/s | {text} | {} |\n", verdict(d / rb >= 0.5)));
+    }
     if let (Some(c), Some(s)) = (delivered(ceiling), delivered(smtp)) {
         out.push_str(&format!(
             "| the tools are not the bottleneck: generator → sink far above sluice | {:.1}× sluice's delivered rate | {} |\n",
@@ -250,6 +339,7 @@ fn replace_section(old: &str, section: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::DkimCounts;
     use crate::stats::Percentiles;
 
     fn phase(system: &str, spool: &str, injection: &str, rate: f64, cpu: Option<f64>) -> Phase {
@@ -298,6 +388,50 @@ mod tests {
         assert!(s.contains("estimated 4,062 msgs/s"), "{s}");
         assert!(s.contains("3.3× sluice's delivered rate"), "{s}");
         assert!(s.contains("not from this run"));
+        assert!(!s.contains("DKIM") && !s.contains("2 edges"), "no DKIM or multi-node rows, no such lines: {s}");
+    }
+
+    #[test]
+    fn dkim_and_multi_node_rows_have_their_ratios() {
+        let variant = |mut p: Phase, v: &str| {
+            p.variant = v.into();
+            p
+        };
+        let mut rsa = variant(phase("sluice", "local", "SMTP", 2400.0, Some(5.0)), "DKIM RSA-2048");
+        rsa.dkim = Some(DkimCounts { checked: 1000, pass: 998, fail: 2, ..DkimCounts::default() });
+        let dual = variant(phase("sluice", "local", "SMTP", 2000.0, Some(6.0)), "DKIM RSA-2048 + Ed25519");
+        let mut nodes = variant(phase("sluice", "rados", "SMTP", 1500.0, Some(8.0)), "2 edges + 2 MTAs");
+        nodes.processes = 4;
+        let report = BenchReport {
+            machine: super::super::Machine { cpus: 2, ..Default::default() },
+            personalizations: 10,
+            phases: vec![
+                phase("sluice", "local", "SMTP", 3000.0, Some(2.5)),
+                rsa,
+                dual,
+                phase("sluice", "rados", "SMTP", 1000.0, Some(4.0)),
+                nodes,
+            ],
+            openssl_rsa2048_sign_per_s: vec![3900.0, 4100.0],
+            rados_bench_writes_per_s: Some(2000.0),
+            ..BenchReport::default()
+        };
+        let s = section(&report);
+        // The plain rows are still the ones compared with Postfix and the targets.
+        assert!(s.contains("| sluice | local | SMTP | 3,000 |"), "{s}");
+        assert!(s.contains("| sluice (DKIM RSA-2048) | local | SMTP | 2,400 |"), "{s}");
+        assert!(s.contains("| sluice (2 edges + 2 MTAs) | rados | SMTP | 1,500 |"), "{s}");
+        assert!(s.contains("| ≥ 4,000 msgs per CPU-second (sluice, SMTP in → SMTP out) | 4,000 | yes |"), "the plain row: {s}");
+        // 2,400 delivered msgs/s of a 4,000 sign/s ceiling (the mean of the two runs).
+        assert!(s.contains("| 60% (2,400 msgs/s of 4,000 sign/s; 30% of all 2 cores' 8,000) | yes |"), "{s}");
+        assert!(s.contains("| (for comparison) DKIM RSA-2048 + Ed25519 | 50% of the RSA-2048 ceiling (2,000 msgs/s) |"), "{s}");
+        // CPU per message: 5 s / 10,000 = 500 µs against 250 µs without DKIM.
+        assert!(s.contains("cost of DKIM RSA-2048 | 0.80× the delivered msgs/s without DKIM (2,400 vs 3,000), +250 µs"), "{s}");
+        assert!(s.contains("3,900 / 4,100 signatures/s"), "{s}");
+        assert!(s.contains("1000 sampled messages: 998 passed, 2 failed"), "{s}");
+        assert!(s.contains("| Ceph spool, 2 edges + 2 MTAs: delivered ≥ 50% of `rados bench` 4 KiB writes/s | 75% (1,500 of 2,000); 1.50× one process | yes |"), "{s}");
+        assert!(s.contains("| Ceph spool: delivered ≥ 50% of `rados bench` 4 KiB writes/s | 50% (1,000 of 2,000) | yes |"), "{s}");
+        assert!(s.contains("CPU and memory are summed"), "{s}");
     }
 
     #[test]

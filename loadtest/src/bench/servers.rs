@@ -31,20 +31,92 @@ impl SpoolChoice {
     }
 }
 
+/// One DKIM signing key made for a benchmark run.
+#[derive(Clone, Debug)]
+pub struct DkimKey {
+    pub domain: String,
+    pub selector: String,
+    pub private_key: PathBuf,
+    /// `<selector>._domainkey.<domain>` and its TXT value, to publish in the test DNS.
+    pub record_name: String,
+    pub record_value: String,
+}
+
+/// How one sluice process of a benchmark is set up.
+#[derive(Clone, Debug)]
+pub struct SluiceSetup {
+    pub spool: SpoolChoice,
+    /// `edge` or `mta`; `None` runs both in one process (`all`).
+    pub role: Option<&'static str>,
+    /// Sign every message with these keys (all of one domain): `fallback = "platform"` with
+    /// that domain, so mail whose From: has no key of its own is signed too.
+    pub dkim: Vec<DkimKey>,
+}
+
+impl SluiceSetup {
+    pub fn new(spool: SpoolChoice) -> SluiceSetup {
+        SluiceSetup { spool, role: None, dkim: Vec::new() }
+    }
+}
+
+/// Makes a signing key with `sluice dkim keygen` (RSA-2048, or Ed25519) into `dir`, and reads
+/// the DNS record it prints.
+pub async fn dkim_keygen(binary: &Path, dir: &Path, domain: &str, selector: &str, ed25519: bool) -> Result<DkimKey> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut command = Command::new(binary);
+    command.args(["dkim", "keygen", "--domain", domain, "--selector", selector, "--out"]).arg(dir);
+    if ed25519 {
+        command.arg("--ed25519");
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .context("sluice dkim keygen did not finish within 60 s")?
+        .with_context(|| format!("cannot run {} dkim keygen", binary.display()))?;
+    if !out.status.success() {
+        bail!("sluice dkim keygen failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| text.lines().find_map(|l| l.trim_start().strip_prefix(key)).map(|v| v.trim().to_string());
+    let (Some(record_name), Some(record_value)) = (field("name:"), field("value:")) else {
+        bail!("sluice dkim keygen printed no DNS record (name:/value: lines): {text}");
+    };
+    Ok(DkimKey {
+        domain: domain.to_string(),
+        selector: selector.to_string(),
+        private_key: dir.canonicalize()?.join(format!("{selector}._domainkey.{domain}.pem")),
+        record_name,
+        record_value,
+    })
+}
+
 /// A running `sluice serve`.
 pub struct Sluice {
     child: Child,
     pub pid: u32,
-    pub http: SocketAddr,
-    pub smtp: SocketAddr,
+    /// The edge's listeners (`None` for `role = "mta"`).
+    pub http: Option<SocketAddr>,
+    pub smtp: Option<SocketAddr>,
     pub log: PathBuf,
 }
 
 /// sluice's config for a benchmark: ephemeral listeners, the test DNS, the mock ISPs' port,
 /// production defaults for everything else.
-pub fn sluice_config(dir: &Path, api_key: &str, mx_port: u16, dns: SocketAddr, spool: &SpoolChoice) -> String {
+pub fn sluice_config(dir: &Path, api_key: &str, mx_port: u16, dns: SocketAddr, setup: &SluiceSetup) -> String {
     let hash = hex::encode(Sha256::digest(api_key.as_bytes()));
-    let spool = match spool {
+    let role = setup.role.map(|r| format!("role = \"{r}\"\n")).unwrap_or_default();
+    let mut dkim = String::new();
+    if let Some(first) = setup.dkim.first() {
+        dkim.push_str(&format!("\n[dkim]\nfallback = \"platform\"\nplatform_domain = \"{}\"\n", first.domain));
+        for k in &setup.dkim {
+            dkim.push_str(&format!(
+                "\n[[dkim.keys]]\ndomain = \"{}\"\nselector = \"{}\"\nprivate_key = \"{}\"\n",
+                k.domain,
+                k.selector,
+                k.private_key.display()
+            ));
+        }
+    }
+    let spool = match &setup.spool {
         SpoolChoice::Local => "[spool]\nbackend = \"local\"\n".to_string(),
         SpoolChoice::Rados { conf, pool, namespace } => format!(
             "[spool]\nbackend = \"rados\"\n\n[spool.rados]\nconf = \"{}\"\npool = \"{pool}\"\nnamespace = \"{namespace}\"\n",
@@ -53,7 +125,7 @@ pub fn sluice_config(dir: &Path, api_key: &str, mx_port: u16, dns: SocketAddr, s
     };
     format!(
         r#"data_dir = "{dir}"
-
+{role}
 {spool}
 [admin]
 listen = "127.0.0.1:0"
@@ -75,7 +147,7 @@ port = {mx_port}
 
 [mta.resolver]
 nameservers = ["{dns}"]
-"#,
+{dkim}"#,
         dir = dir.display()
     )
 }
@@ -120,7 +192,24 @@ impl Sluice {
         let addr = |name: &str| -> Result<SocketAddr> {
             addrs.get(name).and_then(|a| a.parse().ok()).with_context(|| format!("no {name} address in sluice's ready line {fields:?}"))
         };
-        Ok(Sluice { pid, http: addr("http")?, smtp: addr("smtp")?, log, child })
+        let edge = addrs.contains_key("smtp");
+        Ok(Sluice {
+            pid,
+            http: if edge { Some(addr("http")?) } else { None },
+            smtp: if edge { Some(addr("smtp")?) } else { None },
+            log,
+            child,
+        })
+    }
+
+    /// The SMTP listener of an edge.
+    pub fn smtp(&self) -> SocketAddr {
+        self.smtp.expect("an edge listens on SMTP")
+    }
+
+    /// The HTTP listener of an edge.
+    pub fn http(&self) -> SocketAddr {
+        self.http.expect("an edge listens on HTTP")
     }
 
     /// SIGTERM, then SIGKILL after 60 s.
@@ -302,15 +391,41 @@ mod tests {
 
     #[test]
     fn sluice_configs_use_the_key_hash_and_the_spool() {
-        let c = sluice_config(Path::new("/tmp/x"), "k", 2600, "127.0.0.1:5300".parse().unwrap(), &SpoolChoice::Local);
+        let dns = "127.0.0.1:5300".parse().unwrap();
+        let c = sluice_config(Path::new("/tmp/x"), "k", 2600, dns, &SluiceSetup::new(SpoolChoice::Local));
         assert!(c.contains(&hex::encode(Sha256::digest(b"k"))));
         assert!(c.contains("port = 2600"));
         assert!(c.contains("nameservers = [\"127.0.0.1:5300\"]"));
         assert!(c.contains("backend = \"local\""));
+        let parsed: toml::Value = toml::from_str(&c).unwrap();
+        assert!(parsed.get("role").is_none() && parsed.get("dkim").is_none(), "{c}");
         let rados = SpoolChoice::Rados { conf: "/c/ceph.conf".into(), pool: "sluice".into(), namespace: "b1".into() };
-        let c = sluice_config(Path::new("/tmp/x"), "k", 1, "127.0.0.1:1".parse().unwrap(), &rados);
+        let setup = SluiceSetup { role: Some("edge"), ..SluiceSetup::new(rados) };
+        let c = sluice_config(Path::new("/tmp/x"), "k", 1, "127.0.0.1:1".parse().unwrap(), &setup);
         assert!(c.contains("[spool.rados]") && c.contains("namespace = \"b1\""));
         let parsed: toml::Value = toml::from_str(&c).unwrap();
         assert_eq!(parsed["spool"]["backend"].as_str(), Some("rados"));
+        assert_eq!(parsed["role"].as_str(), Some("edge"));
+    }
+
+    #[test]
+    fn dkim_setups_sign_everything_with_the_platform_domain() {
+        let key = |selector: &str| DkimKey {
+            domain: "dkim.bench.test".into(),
+            selector: selector.into(),
+            private_key: format!("/k/{selector}.pem").into(),
+            record_name: String::new(),
+            record_value: String::new(),
+        };
+        let setup = SluiceSetup { dkim: vec![key("rsa"), key("ed")], ..SluiceSetup::new(SpoolChoice::Local) };
+        let c = sluice_config(Path::new("/tmp/x"), "k", 1, "127.0.0.1:1".parse().unwrap(), &setup);
+        let parsed: toml::Value = toml::from_str(&c).unwrap();
+        let dkim = &parsed["dkim"];
+        assert_eq!(dkim["fallback"].as_str(), Some("platform"));
+        assert_eq!(dkim["platform_domain"].as_str(), Some("dkim.bench.test"));
+        let keys = dkim["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[1]["selector"].as_str(), Some("ed"));
+        assert_eq!(keys[1]["private_key"].as_str(), Some("/k/ed.pem"));
     }
 }

@@ -301,7 +301,35 @@ async fn worker(shared: Arc<Shared>, mut conn: Conn) -> (Tally, Tally) {
 
 /// Runs the generator until its stop condition or `cancel`; returns the report.
 pub async fn run(config: GenConfig, cancel: CancellationToken) -> Result<Report, GenError> {
+    run_spread(config, Vec::new(), cancel).await
+}
+
+/// [`run`] with the connections spread round-robin over `config.target` and `more` (all of
+/// one transport), as a load balancer would spread them over several edge nodes: connection
+/// i goes to target i mod n. One schedule, one report.
+pub async fn run_spread(config: GenConfig, more: Vec<Target>, cancel: CancellationToken) -> Result<Report, GenError> {
     config.validate().map_err(GenError::Config)?;
+    let targets: Vec<Target> = std::iter::once(config.target.clone()).chain(more).collect();
+    for (i, t) in targets.iter().enumerate().skip(1) {
+        let same_kind = match (&config.target, t) {
+            (Target::Smtp(_), Target::Smtp(_)) => true,
+            (Target::Http(a), Target::Http(b)) => a.personalizations == b.personalizations,
+            _ => false,
+        };
+        if !same_kind {
+            return Err(GenError::Config(format!(
+                "targets[{i}]: every target must use the transport (and personalizations) of the first"
+            )));
+        }
+        GenConfig { target: t.clone(), ..config.clone() }.validate().map_err(|e| GenError::Config(format!("targets[{i}]: {e}")))?;
+    }
+    if targets.len() > config.concurrency {
+        return Err(GenError::Config(format!(
+            "concurrency: {} connections cannot spread over {} targets; use at least one per target",
+            config.concurrency,
+            targets.len()
+        )));
+    }
     let factory = Factory::new(config.workload.clone()).map_err(GenError::Config)?;
     let ledger = config.ledger.as_ref().map(Ledger::create).transpose()?;
     let per_request = config.messages_per_request();
@@ -331,8 +359,8 @@ pub async fn run(config: GenConfig, cancel: CancellationToken) -> Result<Report,
     });
     let progress = config.progress.then(|| start_progress(&config, shared.clone()));
     let mut workers = Vec::new();
-    for _ in 0..config.concurrency {
-        let conn = match &config.target {
+    for i in 0..config.concurrency {
+        let conn = match &targets[i % targets.len()] {
             Target::Smtp(t) => Conn::Smtp(SmtpSender::new(Arc::new(t.clone()), factory.clone())),
             Target::Http(t) => Conn::Http(HttpSender::new(Arc::new(t.clone()))),
         };

@@ -47,6 +47,9 @@ pub struct FleetConfig {
     pub dns: SocketAddr,
     /// Share of received messages (0 to 1) whose DKIM signatures are verified.
     pub dkim_sample: f64,
+    /// Seeds the `percent` draws of every provider (the i-th provider gets `seed + i`),
+    /// replacing the profiles' own seeds: repeatable runs of a whole fleet.
+    pub seed: Option<u64>,
     pub providers: Vec<ProviderConfig>,
     /// The directory profile paths are relative to (the fleet file's).
     #[serde(skip)]
@@ -86,6 +89,7 @@ impl Default for FleetConfig {
             port: 2525,
             dns: SocketAddr::from(([127, 0, 0, 1], 5300)),
             dkim_sample: 0.0,
+            seed: None,
             providers: Vec::new(),
             base_dir: None,
         }
@@ -368,8 +372,11 @@ impl Fleet {
             let mut port = config.port;
             let mut sinks = Vec::new();
             let mut failed = None;
-            for (p, profile) in config.providers.iter().zip(&profiles) {
+            for (i, (p, profile)) in config.providers.iter().zip(&profiles).enumerate() {
                 let mut sink_config = profile.sink_config();
+                if let Some(seed) = config.seed {
+                    sink_config.scenario.seed = Some(seed.wrapping_add(i as u64));
+                }
                 sink_config.tracker = Some(tracker.clone());
                 sink_config.record_messages = options.record_messages;
                 match Sink::bind(SocketAddr::new(p.address, port), sink_config).await {

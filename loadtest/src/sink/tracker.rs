@@ -67,13 +67,14 @@ struct Seen {
 pub struct Tracker {
     seen: Mutex<Seen>,
     ledger: Option<Ledger>,
-    dkim: Option<DkimSampler>,
+    /// Replaceable while running: a benchmark verifies only the rows that sign.
+    dkim: Mutex<Option<Arc<DkimSampler>>>,
     changed: Notify,
 }
 
 impl std::fmt::Debug for Tracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tracker").field("ledger", &self.ledger).field("dkim", &self.dkim.is_some()).finish()
+        f.debug_struct("Tracker").field("ledger", &self.ledger).field("dkim", &self.dkim_sampler().is_some()).finish()
     }
 }
 
@@ -100,7 +101,7 @@ impl Tracker {
                 latency: latency_histogram(),
             }),
             ledger: None,
-            dkim: None,
+            dkim: Mutex::new(None),
             changed: Notify::new(),
         }
     }
@@ -112,9 +113,21 @@ impl Tracker {
     }
 
     /// Verifies the DKIM signatures of a sample of the messages.
-    pub fn with_dkim(mut self, dkim: DkimSampler) -> Tracker {
-        self.dkim = Some(dkim);
+    pub fn with_dkim(self, dkim: DkimSampler) -> Tracker {
+        self.set_dkim(Some(dkim));
         self
+    }
+
+    /// Starts verifying a sample with `dkim` (its counts start at zero), or stops (`None`);
+    /// returns the sampler it replaces, whose [`settled`](DkimSampler::settled) counts are
+    /// that sampler's final results.
+    pub fn set_dkim(&self, dkim: Option<DkimSampler>) -> Option<Arc<DkimSampler>> {
+        std::mem::replace(&mut *self.dkim.lock().expect("tracker lock"), dkim.map(Arc::new))
+    }
+
+    /// The sampler verifying DKIM now, if any.
+    pub fn dkim_sampler(&self) -> Option<Arc<DkimSampler>> {
+        self.dkim.lock().expect("tracker lock").clone()
     }
 
     /// Takes note of one accepted message (the data as received, dot-unstuffed) and wakes
@@ -158,7 +171,7 @@ impl Tracker {
                 tracing::error!(error = %e, "received ledger");
             }
         }
-        if let Some(dkim) = &self.dkim {
+        if let Some(dkim) = self.dkim_sampler() {
             dkim.maybe_verify(data);
         }
         Observation { duplicate }
@@ -175,7 +188,7 @@ impl Tracker {
             duplicates: seen.duplicates,
             without_message_id: seen.without_id,
             end_to_end: Percentiles::of(&seen.latency),
-            dkim: self.dkim.as_ref().map(|d| d.counts()).unwrap_or_default(),
+            dkim: self.dkim_sampler().map(|d| d.counts()).unwrap_or_default(),
         }
     }
 
@@ -261,6 +274,13 @@ impl DkimSampler {
 
     pub fn counts(&self) -> DkimCounts {
         self.counts.lock().expect("dkim lock").clone()
+    }
+
+    /// The counts once the verifications already started have finished (or `timeout`
+    /// passed; the unfinished ones are then left out).
+    pub async fn settled(&self, timeout: Duration) -> DkimCounts {
+        let _all = tokio::time::timeout(timeout, self.running.acquire_many(DKIM_CONCURRENCY as u32)).await;
+        self.counts()
     }
 
     fn maybe_verify(&self, data: &Bytes) {
