@@ -179,6 +179,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tasks.spawn(async move { smtp.serve(smtp_listener, c).await.context("SMTP edge failed") });
     }
     listening.push(format!("admin={admin_addr}"));
+    // Handlers in place before "ready": a SIGTERM right after it must shut down cleanly, not
+    // kill the process with the default action.
+    let shutdown = shutdown_signal()?;
     tracing::info!(
         role = ?config.role,
         spool = spool.backend(),
@@ -191,7 +194,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Run until a signal, or until a component fails.
     let mut failure = None;
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("sluice: shutting down"),
+        _ = shutdown => tracing::info!("sluice: shutting down"),
         Some(done) = tasks.join_next() => {
             if let Ok(Err(e)) = done { failure = Some(e) }
         }
@@ -215,14 +218,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_signal() {
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// `/metrics` (Prometheus), `/healthz`, `/admin/spool` (counts by state, JSON), and
