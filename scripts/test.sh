@@ -63,4 +63,16 @@ SLUICE_CEPH_CONF=$(scripts/ceph-cluster.sh start --dir "$CEPH_DIR" --osds 3)
 export SLUICE_CEPH_CONF SLUICE_CEPH_DIR=$CEPH_DIR SLUICE_CEPH_POOL=sluice
 
 log "cargo test"
-cargo test --workspace --features sluice/rados,sluice-spool/rados --no-fail-fast "$@"
+status=0
+cargo test --workspace --features sluice/rados,sluice-spool/rados --no-fail-fast "$@" || status=$?
+
+# What the tests measured (fault-test counts and timings, docs/operations.md), also when some
+# failed: the reports written during this run.
+reports=${CARGO_TARGET_DIR:-target}/test-reports
+if [ -d "$reports" ]; then
+  find "$reports" -name '*.md' -mmin -$((SECONDS / 60 + 1)) | sort | while read -r report; do
+    log "report $report"
+    cat "$report" >&2
+  done
+fi
+exit $status

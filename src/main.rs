@@ -38,6 +38,11 @@ enum Command {
         /// Where the local spool and event log live (overrides `data_dir`).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The spool in one setting (overrides `spool.url`, `spool.backend`, `spool.rados.conf`
+        /// and `spool.rados.pool`): `rados://POOL?conf=/etc/ceph/ceph.conf` (optionally
+        /// `&user=NAME&namespace=NS`), or `local`.
+        #[arg(long, value_name = "URL")]
+        spool: Option<String>,
     },
     /// Create or hash API keys for the `[[api_keys]]` config section.
     Apikey {
@@ -75,7 +80,7 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config, role, data_dir } => serve::run(config, role, data_dir),
+        Command::Serve { config, role, data_dir, spool } => serve::run(config, role, data_dir, spool),
         Command::Apikey { command } => apikey::run(command),
         Command::Dkim { command } => dkim_cli::run(command),
         Command::Rules { command } => rules_cli::run(command),

@@ -19,19 +19,28 @@ use sluice_spool::{LocalSpool, LocalSpoolOptions, Spool, SuppressionList};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Role, SpoolBackend};
+use crate::config::{Config, Role, SpoolTarget};
 use crate::rules_reload::{export_rules_metrics, log_reload, reload_on_sighup, reload_rules};
 use crate::{apikey, dkim_cli, telemetry};
 
-pub fn run(config_path: Option<PathBuf>, role: Option<Role>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+pub fn run(
+    config_path: Option<PathBuf>,
+    role: Option<Role>,
+    data_dir: Option<PathBuf>,
+    spool: Option<String>,
+) -> anyhow::Result<()> {
     telemetry::init_logging();
-    let mut config = Config::load(config_path.as_deref())?;
+    let mut config = Config::read(config_path.as_deref())?;
     if let Some(role) = role {
         config.role = role;
     }
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
+    if let Some(url) = spool {
+        config.set_spool_url(&url)?;
+    }
+    config.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;
     runtime.block_on(serve(config))
 }
@@ -46,8 +55,8 @@ struct OpenSpool {
 }
 
 async fn open_spool(config: &Config) -> anyhow::Result<OpenSpool> {
-    match config.spool.backend {
-        SpoolBackend::Local => {
+    match config.spool_target()? {
+        SpoolTarget::Local => {
             let path = config.spool_path();
             let spool = tokio::task::spawn_blocking(move || LocalSpool::open(LocalSpoolOptions::new(&path)))
                 .await?
@@ -66,24 +75,26 @@ async fn open_spool(config: &Config) -> anyhow::Result<OpenSpool> {
             })
         }
         #[cfg(feature = "rados")]
-        SpoolBackend::Rados => {
+        SpoolTarget::Rados(target) => {
             let r = &config.spool.rados;
-            let mut opts = sluice_spool::RadosSpoolOptions::new(r.conf.clone().expect("validated"), r.pool.clone());
-            opts.user = r.user.clone();
-            opts.namespace = r.namespace.clone();
+            let mut opts = sluice_spool::RadosSpoolOptions::new(target.conf.clone(), target.pool.clone());
+            opts.user = target.user.clone();
+            opts.namespace = target.namespace.clone();
             opts.shards = r.shards;
             opts.op_timeout = r.op_timeout;
             opts.shard_lease = r.shard_lease;
             opts.inline_body_max = r.inline_body_max;
+            opts.sweep_interval = r.sweep_interval;
+            opts.orphan_age = r.orphan_age;
             opts.own_shards = config.role.runs_mta();
             let spool = Arc::new(sluice_spool::RadosSpool::open(opts).await.with_context(|| {
-                format!("cannot open the RADOS spool (pool {} via {})", r.pool, r.conf.as_ref().expect("validated").display())
+                format!("cannot open the RADOS spool (pool {} via {})", target.pool, target.conf.display())
             })?);
             Ok(OpenSpool { spool: spool.clone(), suppressions: spool.clone(), rados: Some(spool) })
         }
         #[cfg(not(feature = "rados"))]
-        SpoolBackend::Rados => anyhow::bail!(
-            "config key spool.backend: \"rados\" needs a sluice built with `--features rados` (and librados installed)"
+        SpoolTarget::Rados(_) => anyhow::bail!(
+            "the RADOS spool (spool.url / spool.backend / --spool) needs a sluice built with `--features rados` (and librados installed)"
         ),
     }
 }

@@ -112,73 +112,126 @@ async fn a_worker_that_lost_its_shard_cannot_touch_it() {
     b.close().await;
 }
 
+/// A message whose id (and so its enqueue) is `age` old.
+fn aged_message(rcpt: &str, age: Duration) -> sluice_spool::Message {
+    let mut m = message("sweep.test", &[rcpt]);
+    let ts = sluice_spool::now_ms() - age.as_millis() as u64;
+    m.meta.id = sluice_spool::MessageId::from_bytes(ulid::Ulid::from_parts(ts, rand::random()).to_bytes());
+    m
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweeper_removes_orphans_both_ways() {
     let ns = namespace("sweep");
     let mut o = options(&ns);
-    o.orphan_age = Duration::ZERO;
+    o.orphan_age = Duration::from_secs(60);
     o.inline_body_max = 0; // bodies as objects, which is what can be orphaned
     let spool = RadosSpool::open(o).await.unwrap();
-    let keep = message("sweep.test", &["keep@sweep.test"]);
-    let orphan_body = message("sweep.test", &["body@sweep.test"]);
-    let orphan_entry = message("sweep.test", &["entry@sweep.test"]);
-    spool.enqueue(vec![keep.clone()]).await.unwrap();
-    spool.enqueue(vec![orphan_body.clone()]).await.unwrap();
-    spool.enqueue(vec![orphan_entry.clone()]).await.unwrap();
-    let objects = rados(&["-p", &pool(), "-N", &ns, "ls"]);
-    let body_of = |id: &str| objects.lines().find(|l| l.ends_with(id)).expect("body object").to_string();
-    // a body whose index entries vanished (crash between the two writes)
-    let shard_of_body = body_of(&orphan_body.id().to_string());
-    let shard = &shard_of_body["sluice.msg.".len().."sluice.msg.".len() + 4];
-    let shard_obj = format!("sluice.shard.{shard}");
-    let ikey = rados(&["-p", &pool(), "-N", &ns, "getomapval", &shard_obj, &format!("m{}", orphan_body.id())]);
-    assert!(!ikey.is_empty());
-    rados(&["-p", &pool(), "-N", &ns, "rmomapkey", &shard_obj, &format!("m{}", orphan_body.id())]);
-    // an index entry whose body vanished
-    rados(&["-p", &pool(), "-N", &ns, "rm", &body_of(&orphan_entry.id().to_string())]);
+    let old = Duration::from_secs(120);
+    let keep = aged_message("keep@sweep.test", old);
+    let orphan_body = aged_message("body@sweep.test", old);
+    let orphan_entry = aged_message("entry@sweep.test", old);
+    // younger than orphan_age: could be an enqueue in flight, so the sweeper leaves them alone
+    let young_body = message("sweep.test", &["young-body@sweep.test"]);
+    let young_entry = message("sweep.test", &["young-entry@sweep.test"]);
+    for m in [&keep, &orphan_body, &orphan_entry, &young_body, &young_entry] {
+        spool.enqueue(vec![m.clone()]).await.unwrap();
+    }
+    let ls = |ns: &str| rados(&["-p", &pool(), "-N", ns, "ls"]);
+    let objects = ls(&ns);
+    let body_of = |id: sluice_spool::MessageId| objects.lines().find(|l| l.ends_with(&id.to_string())).expect("body object").to_string();
+    let shard_of = |id| {
+        let body = body_of(id);
+        format!("sluice.shard.{}", &body["sluice.msg.".len().."sluice.msg.".len() + 4])
+    };
+    // bodies whose index entries vanished (the edge crashed between the two writes)
+    let scratch = tempfile::tempdir().unwrap();
+    for m in [&orphan_body, &young_body] {
+        let shard = shard_of(m.id());
+        let ikey_file = scratch.path().join("ikey");
+        rados(&["-p", &pool(), "-N", &ns, "getomapval", &shard, &format!("m{}", m.id()), ikey_file.to_str().unwrap()]);
+        let ikey = std::fs::read_to_string(&ikey_file).unwrap();
+        assert!(ikey.starts_with("isweep.test|"), "{ikey}");
+        for key in [ikey, format!("m{}", m.id()), format!("o{}", m.id())] {
+            rados(&["-p", &pool(), "-N", &ns, "rmomapkey", &shard, &key]);
+        }
+    }
+    // index entries whose bodies vanished
+    for m in [&orphan_entry, &young_entry] {
+        rados(&["-p", &pool(), "-N", &ns, "rm", &body_of(m.id())]);
+    }
 
-    let (bodies, _) = spool.sweep().await.unwrap();
-    assert_eq!(bodies, 1, "the orphaned body is removed");
-    let after = rados(&["-p", &pool(), "-N", &ns, "ls"]);
+    let (bodies, entries) = spool.sweep().await.unwrap();
+    assert_eq!(bodies, 1, "the old orphaned body is removed");
+    assert_eq!(entries, 1, "the old entry without a body is removed");
+    let after = ls(&ns);
     assert!(!after.contains(&orphan_body.id().to_string()));
+    assert!(after.contains(&young_body.id().to_string()), "a young body may belong to an enqueue in flight");
     assert!(after.contains(&keep.id().to_string()), "live bodies are kept");
+    assert!(spool.get(orphan_entry.id()).await.unwrap().is_none(), "the dead entry is gone");
+    let keys = rados(&["-p", &pool(), "-N", &ns, "listomapkeys", &shard_of(orphan_entry.id())]);
+    assert!(!keys.contains(&orphan_entry.id().to_string()), "every key of the dead entry is removed: {keys}");
+    assert!(spool.get(young_entry.id()).await.unwrap().is_some(), "a young entry is left alone");
+    assert!(spool.get(keep.id()).await.unwrap().is_some());
+    assert_eq!(spool.sweep().await.unwrap(), (0, 0), "nothing left to sweep");
 
     let leased = spool.lease(LeaseRequest::new(10, Duration::from_secs(60))).await.unwrap();
     let ids: Vec<_> = leased.iter().map(|l| l.meta.id).collect();
     assert!(ids.contains(&keep.id()));
-    assert!(!ids.contains(&orphan_entry.id()), "an entry without body is dropped, not delivered");
+    assert!(!ids.contains(&orphan_entry.id()));
+    assert!(!ids.contains(&young_entry.id()), "an entry without body is dropped, not delivered");
+    assert!(spool.get(young_entry.id()).await.unwrap().is_none(), "the lease removed the entry it could not read");
     spool.close().await;
+}
+
+fn ceph(args: &[&str]) {
+    let out = Command::new("ceph").arg("-c").arg(conf()).args(args).output().expect("run the ceph CLI");
+    assert!(out.status.success(), "ceph {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A pool of the test's own, removed however the test ends.
+struct TempPool(String);
+
+impl Drop for TempPool {
+    fn drop(&mut self) {
+        let _ = Command::new("ceph")
+            .arg("-c")
+            .arg(conf())
+            .args(["osd", "pool", "rm", &self.0, &self.0, "--yes-i-really-really-mean-it"])
+            .output();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_pool_gives_an_error_within_the_timeout_not_a_hang() {
-    let full_pool = format!("sluice-full-{}", std::process::id());
-    let ceph = |args: &[&str]| {
-        let out = Command::new("ceph").arg("-c").arg(conf()).args(args).output().expect("run the ceph CLI");
-        assert!(out.status.success(), "ceph {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    ceph(&["osd", "pool", "create", &full_pool, "8", "8"]);
-    ceph(&["osd", "pool", "application", "enable", &full_pool, "rados"]);
-    let mut o = RadosSpoolOptions::new(conf(), full_pool.clone());
+    let full_pool = TempPool(format!("sluice-full-{}", std::process::id()));
+    ceph(&["osd", "pool", "create", &full_pool.0, "8", "8"]);
+    ceph(&["osd", "pool", "application", "enable", &full_pool.0, "rados"]);
+    let op_timeout = Duration::from_secs(3);
+    let mut o = RadosSpoolOptions::new(conf(), full_pool.0.clone());
     o.shards = 2;
     o.own_shards = false;
-    o.op_timeout = Duration::from_secs(3);
+    o.op_timeout = op_timeout;
     let spool = RadosSpool::open(o).await.unwrap();
     // a quota the next writes exceed (the cluster flags the pool full a moment later)
-    ceph(&["osd", "pool", "set-quota", &full_pool, "max_objects", "1"]);
+    ceph(&["osd", "pool", "set-quota", &full_pool.0, "max_objects", "1"]);
     let started = Instant::now();
-    let mut last = Ok(());
-    while started.elapsed() < Duration::from_secs(60) {
-        last = spool.enqueue(vec![message("full.test", &["a@full.test"])]).await;
-        if last.is_err() {
-            break;
+    let mut refusals = 0;
+    while started.elapsed() < Duration::from_secs(60) && refusals < 3 {
+        let attempt = Instant::now();
+        let r = spool.enqueue(vec![message("full.test", &["a@full.test"])]).await;
+        let took = attempt.elapsed();
+        // every answer, refusal or not, within the op timeout and a margin: never a hang
+        assert!(took < op_timeout + Duration::from_secs(10), "enqueue answered after {took:?}: {r:?}");
+        if let Err(err) = r {
+            assert!(matches!(err, SpoolError::Unavailable(_)), "a full pool is reported as unavailable: {err}");
+            refusals += 1;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let err = last.expect_err("writes to a full pool must fail");
-    assert!(matches!(err, SpoolError::Unavailable(_)), "a full pool is reported as unavailable: {err}");
+    assert_eq!(refusals, 3, "writes to a full pool must fail");
     // recovers by itself once space is back
-    ceph(&["osd", "pool", "set-quota", &full_pool, "max_objects", "0"]);
+    ceph(&["osd", "pool", "set-quota", &full_pool.0, "max_objects", "0"]);
     let started = Instant::now();
     loop {
         match spool.enqueue(vec![message("full.test", &["b@full.test"])]).await {
@@ -188,5 +241,4 @@ async fn a_full_pool_gives_an_error_within_the_timeout_not_a_hang() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     drop(spool);
-    ceph(&["osd", "pool", "rm", &full_pool, &full_pool, "--yes-i-really-really-mean-it"]);
 }

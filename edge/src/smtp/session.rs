@@ -648,7 +648,9 @@ impl Session {
         match accepted {
             Ok(_) => {
                 metrics::counter!("sluice_smtp_messages_accepted_total").increment(1);
-                info!(peer = %self.peer, %tenant, queue_id, recipients, "smtp message queued");
+                // Every accepted message is in the event log (`processed`); a log line per
+                // message on top of it costs a formatted write on the hot path.
+                debug!(peer = %self.peer, %tenant, queue_id, recipients, "smtp message queued");
                 self.reply(out, Reply::with_text(250, [2, 0, 0], format!("Ok: queued as {queue_id}")))
             }
             Err(SpoolError::Unavailable(reason)) => {

@@ -322,6 +322,32 @@ impl Rados {
         Ok((state, rx))
     }
 
+    /// Whether an object exists (one read op asserting existence; run many at once to
+    /// check many objects without a round trip each).
+    pub async fn exists(&self, oid: &str) -> Result<bool, RadosError> {
+        let (state, rx) = self.submit_exists(oid)?;
+        let _ = rx.await;
+        match state.return_value() {
+            r if r >= 0 => Ok(true),
+            r if r == -libc::ENOENT => Ok(false),
+            r => Err(RadosError::new("exists", oid, r)),
+        }
+    }
+
+    fn submit_exists(&self, oid: &str) -> Result<(Arc<OpState>, oneshot::Receiver<()>), RadosError> {
+        let oid_c = cstring(oid, "exists")?;
+        // SAFETY: fresh handle owned by OpState.
+        let handle = unsafe { ffi::rados_create_read_op() };
+        let state = OpState::new(self.cluster.clone(), OpHandle::Read(handle), 0);
+        // SAFETY: live op; the step has no inputs or outputs.
+        unsafe { ffi::rados_read_op_assert_exists(handle) };
+        let rx = state.start(oid, |c, io| {
+            // SAFETY: live op, ioctx and completion.
+            unsafe { ffi::rados_aio_read_op_operate(handle, io, c, oid_c.as_ptr(), 0) }
+        })?;
+        Ok((state, rx))
+    }
+
     /// Reads `len` bytes of an object's data from offset 0.
     pub async fn read(&self, oid: &str, len: usize) -> Result<Bytes, RadosError> {
         let (state, rx) = self.submit_read(oid, len)?;

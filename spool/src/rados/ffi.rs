@@ -12,7 +12,7 @@ pub use ceph::rados::{
     rados_create2, rados_create_read_op, rados_create_write_op, rados_ioctx_create, rados_ioctx_destroy,
     rados_ioctx_set_namespace, rados_ioctx_t, rados_lock_exclusive, rados_nobjects_list_close,
     rados_nobjects_list_open, rados_list_ctx_t, rados_omap_get_end, rados_omap_iter_t,
-    rados_read_op_t, rados_release_read_op, rados_release_write_op, rados_shutdown, rados_t, rados_unlock,
+    rados_read_op_assert_exists, rados_read_op_t, rados_release_read_op, rados_release_write_op, rados_shutdown, rados_t, rados_unlock,
     rados_write_op_create, rados_write_op_exec, rados_write_op_t, rados_write_op_write_full,
 };
 

@@ -11,7 +11,9 @@
 //!   - `l<id>` → the `i` key of a leased message: the shard's in-flight list, so a new owner
 //!     finds a dead owner's leases without scanning the whole index;
 //!   - `d<id>` → empty, for messages tried at least once (retries), so counting by state needs
-//!     no value reads.
+//!     no value reads;
+//!   - `o<id>` → empty, for messages whose body is an object of its own (not inline), so the
+//!     sweeper finds the entries to check without reading values.
 //!
 //!   The shard's owner holds the exclusive cls_lock `sluice-owner` on this object.
 //! - `sluice.msg.NNNN.<id>`: a message body too large to live inline in its index entry, NNNN
@@ -89,6 +91,10 @@ pub fn lease_key(id: MessageId) -> String {
 
 pub fn retry_key(id: MessageId) -> String {
     format!("d{id}")
+}
+
+pub fn body_key(id: MessageId) -> String {
+    format!("o{id}")
 }
 
 pub fn dir_key(queue: &str) -> String {

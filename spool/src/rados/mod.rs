@@ -1,16 +1,19 @@
 //! The RADOS spool: one queue in a replicated Ceph pool, shared by every edge and MTA process.
 //!
-//! - Edges write each message's body as its own object (asynchronously, all in flight at
-//!   once), then add the batch's index entries to one index shard in a single omap write.
-//!   Index writes to a shard are group-committed: entries that arrive while a write is in
-//!   flight go out together in the next one. `enqueue` returns only after RADOS acknowledged
-//!   the replicated writes.
+//! - Edges keep bodies up to `inline_body_max` inside their index entry; larger bodies are
+//!   objects of their own, written first (asynchronously, all in flight at once). Then the
+//!   batch's index entries go to one index shard in a single omap write. Index writes to a
+//!   shard are group-committed: entries that arrive while a write is in flight go out
+//!   together in the next one. `enqueue` returns only after RADOS acknowledged the
+//!   replicated writes.
 //! - MTA processes own shards ([`shards`]) and lease from their own shards only; leasing moves
 //!   index entries to the lease deadline (so a dead worker's messages come back by
 //!   themselves), rescheduling moves them to the next attempt, completing removes them. Each
 //!   of these is one atomic omap write that also asserts the shard lock.
-//! - A sweeper removes orphans: bodies whose index entry is gone (a crash between writing the
-//!   body and the index, or between removing them), and index entries whose body is gone.
+//! - A sweeper removes orphans in the shards a process owns: body objects whose index entry
+//!   is gone (a crash between writing the body and the index, or between removing them), and
+//!   index entries whose body object is gone (only after data loss or a bug, since the body is
+//!   written first: logged as an error and counted).
 //!
 //! The layout is in [`layout`]; all `unsafe` is in [`client`].
 
@@ -420,6 +423,9 @@ impl Inner {
             if m.meta.attempts > 0 {
                 entries.push((retry_key(m.meta.id).into_bytes(), Vec::new()));
             }
+            if m.body.len() > inline_max {
+                entries.push((body_key(m.meta.id).into_bytes(), Vec::new()));
+            }
         }
         let (done, answer) = oneshot::channel();
         self.committers[shard as usize].send(IndexRequest { entries, done }).await.map_err(|_| SpoolError::Closed)?;
@@ -627,6 +633,7 @@ impl Inner {
             id_key(lease.id).into_bytes(),
             lease_key(lease.id).into_bytes(),
             retry_key(lease.id).into_bytes(),
+            body_key(lease.id).into_bytes(),
         ];
         self.write_for_lease(lease, held, rm, Vec::new()).await?;
         if inline {
@@ -648,6 +655,7 @@ impl Inner {
             id_key(lease.id).into_bytes(),
             lease_key(lease.id).into_bytes(),
             retry_key(lease.id).into_bytes(),
+            body_key(lease.id).into_bytes(),
         ];
         self.write_for_lease(lease, held, rm, Vec::new()).await
     }
@@ -694,6 +702,7 @@ impl Inner {
         }
         if recovered > 0 {
             tracing::info!(shard, recovered, "rados spool: the previous owner's leased messages are due again");
+            metrics::counter!("sluice_spool_leases_recovered_total").increment(recovered as u64);
         }
         Ok(recovered)
     }
@@ -792,13 +801,26 @@ impl Inner {
         Ok(total)
     }
 
+    /// Removes orphans older than `orphan_age` in the shards this process owns; returns
+    /// (bodies removed, index entries removed).
     async fn sweep(&self) -> Result<(usize, usize), SpoolError> {
         let Some(own) = &self.ownership else { return Ok((0, 0)) };
+        let cutoff = now_ms().saturating_sub(self.opts.orphan_age.as_millis() as u64);
+        let bodies = self.sweep_bodies(own, cutoff).await?;
+        let mut entries = 0;
+        for shard in own.owned() {
+            entries += self.sweep_entries(shard, cutoff).await?;
+        }
+        Ok((bodies, entries))
+    }
+
+    /// Body objects without an `m` key: the edge died between writing the body and the
+    /// index, or a completion between removing the index entry and the body.
+    async fn sweep_bodies(&self, own: &Ownership, cutoff: u64) -> Result<usize, SpoolError> {
         let rados = self.rados.clone();
         let names = tokio::task::spawn_blocking(move || rados.list_objects(BODY_PREFIX))
             .await
             .map_err(|e| SpoolError::Storage(e.to_string()))??;
-        let cutoff = now_ms().saturating_sub(self.opts.orphan_age.as_millis() as u64);
         let mut by_shard: BTreeMap<u32, Vec<MessageId>> = BTreeMap::new();
         for name in names {
             if let Some((shard, id)) = parse_body_object(&name) {
@@ -813,19 +835,100 @@ impl Inner {
                 let keys: Vec<Vec<u8>> = chunk.iter().map(|id| id_key(*id).into_bytes()).collect();
                 let present: std::collections::HashSet<Vec<u8>> =
                     self.rados.omap_get_by_keys(&shard_object(shard), &keys).await?.into_iter().map(|(k, _)| k).collect();
-                for id in chunk {
-                    if !present.contains(id_key(*id).as_bytes()) {
-                        match self.rados.remove(&body_object(shard, *id)).await {
-                            Ok(()) => removed += 1,
-                            Err(e) if e.is_not_found() => {}
-                            Err(e) => return Err(e.into()),
-                        }
+                let removals = chunk.iter().filter(|id| !present.contains(id_key(**id).as_bytes())).map(|id| {
+                    let rados = self.rados.clone();
+                    let oid = body_object(shard, *id);
+                    async move { rados.remove(&oid).await }
+                });
+                for r in futures::future::join_all(removals).await {
+                    match r {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e.into()),
                     }
                 }
             }
         }
         metrics::counter!("sluice_spool_orphans_removed_total", "kind" => "body").increment(removed as u64);
-        Ok((removed, 0))
+        Ok(removed)
+    }
+
+    /// Index entries whose body object is gone. The edge writes the body before the index, so
+    /// this happens only after data loss or a bug: each one is logged as an error and counted.
+    /// Scans the `o` keys (keys only), checks a page of bodies at once, and removes the dead
+    /// entries in one fenced write.
+    async fn sweep_entries(&self, shard: u32, cutoff: u64) -> Result<usize, SpoolError> {
+        let oid = shard_object(shard);
+        let mut removed = 0;
+        let mut after = "o".to_string();
+        loop {
+            let page = match self.rados.omap_keys(&oid, &after, 1000).await {
+                Ok(p) => p,
+                Err(e) if e.is_not_found() => return Ok(0),
+                Err(e) => return Err(e.into()),
+            };
+            let mut done = !page.more;
+            let mut old = Vec::new();
+            for (k, _) in &page.entries {
+                if k.first() != Some(&b'o') {
+                    done = true;
+                    break;
+                }
+                // Younger entries may belong to an enqueue still in flight: leave them alone.
+                match std::str::from_utf8(&k[1..]).ok().and_then(|s| s.parse::<MessageId>().ok()) {
+                    Some(id) if id.timestamp_ms() < cutoff => old.push(id),
+                    _ => {}
+                }
+            }
+            let checks = old.iter().map(|id| {
+                let rados = self.rados.clone();
+                let body = body_object(shard, *id);
+                async move { rados.exists(&body).await }
+            });
+            let mut missing = Vec::new();
+            for (id, exists) in old.iter().zip(futures::future::join_all(checks).await) {
+                if !exists? {
+                    missing.push(*id);
+                }
+            }
+            if !missing.is_empty() {
+                removed += self.remove_dead_entries(shard, &missing).await?;
+            }
+            match page.entries.last() {
+                Some((k, _)) if !done => after = String::from_utf8_lossy(k).into_owned(),
+                _ => break,
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn remove_dead_entries(&self, shard: u32, ids: &[MessageId]) -> Result<usize, SpoolError> {
+        let oid = shard_object(shard);
+        let _guard = self.shard_locks[shard as usize].lock().await;
+        // Read again under the lock: a completion removes the index entry first and the body
+        // after it, so an entry still listed now really lost its body.
+        let mut keys: Vec<Vec<u8>> = ids.iter().map(|id| body_key(*id).into_bytes()).collect();
+        keys.extend(ids.iter().map(|id| id_key(*id).into_bytes()));
+        let found: HashMap<Vec<u8>, Vec<u8>> = self.rados.omap_get_by_keys(&oid, &keys).await?.into_iter().collect();
+        let leased: std::collections::HashSet<MessageId> = self.leases.lock().expect("leases").keys().copied().collect();
+        let mut rm = Vec::new();
+        let mut dead = 0;
+        for id in ids {
+            if !found.contains_key(body_key(*id).as_bytes()) || leased.contains(id) {
+                continue;
+            }
+            if let Some(ikey) = found.get(id_key(*id).as_bytes()) {
+                rm.push(ikey.clone());
+            }
+            rm.extend([id_key(*id), lease_key(*id), retry_key(*id), body_key(*id)].map(String::into_bytes));
+            tracing::error!(%id, shard, "rados spool: index entry whose body object is missing (data loss or a bug); removing the entry, the message cannot be delivered");
+            dead += 1;
+        }
+        if dead > 0 {
+            self.owner_write(shard, WriteOp::new().omap_rm(rm)).await?;
+            metrics::counter!("sluice_spool_orphans_removed_total", "kind" => "entry").increment(dead as u64);
+        }
+        Ok(dead)
     }
 }
 

@@ -47,6 +47,11 @@ impl Ownership {
         self.owned.lock().expect("ownership").iter().filter(|(_, s)| !s.draining).map(|(k, _)| *k).collect()
     }
 
+    /// Every shard this process holds, draining ones included.
+    pub fn owned(&self) -> Vec<u32> {
+        self.owned.lock().expect("ownership").keys().copied().collect()
+    }
+
     pub fn owns(&self, shard: u32) -> bool {
         self.owned.lock().expect("ownership").contains_key(&shard)
     }
