@@ -114,6 +114,9 @@ mon warn on pool no redundancy = false
 # small store: without this, a big disk at 70 % used warns (MON_DISK_LOW). Readiness ignores
 # these disk checks anyway (see ready below).
 mon data avail warn = 2
+# Below the critical level (5 % free by default) the mon refuses to start at all; the test
+# cluster's stores are tiny (memstore OSDs live in RAM), so only a truly full disk matters.
+mon data avail crit = 1
 # Otherwise HEALTH_WARN AUTH_INSECURE_GLOBAL_ID_RECLAIM_ALLOWED, and ready never comes.
 auth allow insecure global id reclaim = false
 # PG stats every second: HEALTH_OK (our readiness test) in about 8 s instead of about 14 s.
