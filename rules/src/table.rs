@@ -198,8 +198,11 @@ pub struct Explanation<'t> {
 
 const CLASSES: usize = 4; // reply classes 2, 3, 4, 5
 
-/// Text rules tried one by one before the table's `RegexSet` is consulted.
-const SINGLE_TRIES: usize = 2;
+/// Text rules tried one by one before the table's `RegexSet` is consulted. A rejected try
+/// costs a prefilter scan (about a quarter of a set pass on the default table's replies):
+/// three tries measured best on the bench's failures (rules/examples/classify_count.rs; 2
+/// tries +7% instructions, 4 tries +7%).
+const SINGLE_TRIES: usize = 3;
 
 /// A compiled, validated table. Immutable: reloading builds a new one.
 #[derive(Debug)]
@@ -300,7 +303,8 @@ impl Table {
         // single regex with literal prefilters is cheaper than a pass of the whole set. Past
         // them, one pass of the bucket's RegexSet answers for every remaining rule.
         let mut singles_left = SINGLE_TRIES;
-        let mut matched: Option<Vec<u32>> = None;
+        let bucket = self.buckets[(reply.class() as usize - 2) * scopes + scope].as_deref();
+        let mut matched: Option<regex::SetMatches> = None;
         for &r in self.candidates[code * scopes + scope].iter() {
             let rule = &self.rules[r as usize];
             if !rule.fits(reply, ctx.stage) {
@@ -313,11 +317,11 @@ impl Table {
                         continue;
                     }
                 } else {
-                    let m = matched.get_or_insert_with(|| match &self.buckets[(reply.class() as usize - 2) * scopes + scope] {
-                        Some(b) => b.set.matches(&text).iter().map(|i| b.rule_of[i]).collect(),
-                        None => Vec::new(),
-                    });
-                    if m.binary_search(&r).is_err() {
+                    // Every text rule the code and scope admit is in the bucket of its class.
+                    let b = bucket.expect("a text rule has a bucket");
+                    let m = matched.get_or_insert_with(|| b.set.matches(&text));
+                    let local = b.rule_of.binary_search(&r).expect("a member of its bucket");
+                    if !m.matched(local) {
                         continue;
                     }
                 }
