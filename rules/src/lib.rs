@@ -27,7 +27,7 @@ pub use builtin::{Builtin, FallbackLayer};
 pub use config::RulesConfig;
 pub use engine::{Engine, Reloaded};
 pub use error::{Diagnostic, TableError};
-pub use outcome::{BounceClass, Disposition, Outcome, ShapingAction, Threshold};
+pub use outcome::{BounceClass, BounceType, Disposition, Outcome, ShapingAction, Threshold};
 pub use provider::{Provider, Providers};
 pub use reply::{EnhancedCode, Reply, ReplyError, Stage};
 pub use source::{default_sources, read_sources, version_of, Location, ReadError, Source, DEFAULT_TABLE};

@@ -13,7 +13,7 @@ use crate::builtin::{self, FallbackLayer};
 use crate::pattern::{CodePattern, EnhancedPattern, StageSet};
 use crate::provider::{Providers, Via};
 use crate::source::Location;
-use crate::{BounceClass, Classify, Context, Disposition, Outcome, Reply, ShapingAction, Stage};
+use crate::{BounceClass, BounceType, Classify, Context, Disposition, Outcome, Reply, ShapingAction, Stage};
 
 /// Regexes bigger than this (compiled) are refused: a table is data, not a DoS vector.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -84,6 +84,8 @@ pub struct Rule {
     pub reason: String,
     /// `None`: by the reply class (2xx delivered, 4xx retry, 5xx bounce).
     pub disposition: Option<Disposition>,
+    /// `None`: by the classification ([`BounceType::default_for`]).
+    pub bounce_type: Option<BounceType>,
     pub suppress: bool,
     pub shaping: ShapingAction,
     pub examples: Vec<Example>,
@@ -334,11 +336,15 @@ impl Table {
     fn outcome_of(&self, index: usize, reply: &Reply) -> Outcome {
         let rule = &self.rules[index];
         let disposition = rule.disposition.unwrap_or_else(|| Disposition::of_class(reply.class()));
+        let bounce_type = rule.bounce_type.unwrap_or_else(|| BounceType::default_for(rule.classification, reply.class()));
         Outcome {
             disposition,
             classification: rule.classification,
             reason: rule.reason.clone(),
-            suppress: rule.suppress && disposition == Disposition::Bounce,
+            bounce_type,
+            // The table refuses `suppress` on rules that could match a 4xx or are blocks; this
+            // keeps the promise for any table: only permanent address-level bounces.
+            suppress: rule.suppress && disposition == Disposition::Bounce && bounce_type == BounceType::Bounce && reply.class() == 5,
             rule_id: rule.id.clone(),
             shaping: rule.shaping.clone(),
             rules_version: self.version.clone(),
