@@ -14,6 +14,7 @@ pub mod dkim;
 mod outcome;
 mod route;
 pub mod smtp_client;
+pub mod synthetic;
 mod tls;
 mod worker;
 

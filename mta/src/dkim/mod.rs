@@ -19,7 +19,7 @@ mod sign;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sluice_rules::{EnhancedCode, Reply};
+use sluice_rules::Reply;
 use sluice_spool::MessageMeta;
 use tokio::sync::Semaphore;
 
@@ -28,6 +28,7 @@ pub use keys::{DnsRecord, KeyAlgorithm, KeyError, PrivateKey};
 pub use policy::{Decision, DkimPolicy, HeaderFacts, SIGNED_HEADERS};
 pub use sign::SignError;
 
+use crate::synthetic;
 use sign::KeyRing;
 
 /// Why DKIM signing could not be set up.
@@ -108,7 +109,7 @@ impl DkimSigning {
             }
             Decision::Refuse(reason) => {
                 metrics::counter!("sluice_dkim_messages_total", "result" => "refused").increment(1);
-                return Err(Reply::synthetic(550, EnhancedCode::new(5, 7, 1), &format!("not sent: {reason}")));
+                return Err(synthetic::dkim_refused(&reason));
             }
             Decision::Sign { domain } => domain,
         };
@@ -141,11 +142,11 @@ impl DkimSigning {
             Ok(Err(e)) => {
                 metrics::counter!("sluice_dkim_messages_total", "result" => "failed").increment(1);
                 tracing::error!(id = %meta.id, error = %e, "DKIM signing failed; the message is retried later");
-                Err(Reply::synthetic(451, EnhancedCode::new(4, 3, 0), &format!("not sent: {e}")))
+                Err(synthetic::dkim_failed(e))
             }
             Err(e) => {
                 tracing::warn!(id = %meta.id, error = %e, "DKIM signing was interrupted; the message is retried later");
-                Err(Reply::synthetic(451, EnhancedCode::new(4, 3, 0), "not sent: DKIM signing was interrupted (shutdown)"))
+                Err(synthetic::dkim_interrupted())
             }
         }
     }
