@@ -235,7 +235,7 @@ async fn connect(ctx: &Ctx, hops: &[Hop], deadline: Instant) -> Result<Session, 
     }
     Err(last.unwrap_or_else(|| {
         let reply = lookup_failure
-            .unwrap_or_else(|| synthetic::no_host());
+            .unwrap_or_else(synthetic::no_host);
         Failure { reply, stage: Stage::Connect, via: Via::default(), try_next: false, tls_handshake: false }
     }))
 }
