@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use sluice_rules::corpus::{self, Entry};
-use sluice_rules::{read_sources, Context, Decider, Outcome, Reply, Stage, Table, DEFAULT_TABLE};
+use sluice_rules::{read_sources, Context, Decider, Disposition, Outcome, Reply, Stage, Table, DEFAULT_TABLE};
 
 #[derive(Subcommand)]
 pub enum RulesCommand {
@@ -111,6 +111,9 @@ fn describe(o: &Outcome) -> String {
     let mut s = format!("{}, {} ({})", o.disposition, o.classification, o.reason);
     if o.suppress {
         s.push_str(", suppress the recipient");
+    }
+    if o.disposition == Disposition::Bounce {
+        s.push_str(&format!(", type {}", o.bounce_type));
     }
     if !o.shaping.is_none() {
         s.push_str(&format!(", shaping: {}", o.shaping));

@@ -89,7 +89,7 @@ fn explain_names_the_rule_the_reasons_the_outcome_and_the_runner_up() {
 
 #[test]
 fn eval_reports_accuracy_and_a_confusion_matrix_on_the_corpus() {
-    let (ok, out) = sluice(&["rules", "eval", &corpus(), "--min-accuracy", "0.95"]);
+    let (ok, out) = sluice(&["rules", "eval", &corpus(), "--min-accuracy", "0.98"]);
     assert!(ok, "{out}");
     assert!(out.contains("classification accuracy:") && out.contains("disposition accuracy:"), "{out}");
     assert!(out.contains("expected \\ predicted") && out.contains("Frequency or Volume Too High"), "{out}");
@@ -207,6 +207,60 @@ async fn a_running_server_reloads_its_table_and_keeps_the_old_one_when_the_new_o
     assert!(metrics.contains(&format!("sluice_rules_table_info{{version=\"{v3}\"}} 1")), "{metrics}");
     assert!(metrics.contains(&format!("sluice_rules_table_info{{version=\"{v1}\"}} 0")), "{metrics}");
     assert!(metrics.contains("sluice_rules_reloads_total{result=\"error\"} 1"), "{metrics}");
+    assert!(s.stop());
+}
+
+/// Polls `GET /admin/rules` until the version differs from `old` (a generous deadline: the
+/// watcher waits for writes to settle, and the machine may be busy).
+async fn wait_for_new_version(s: &Sluice, old: &str, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let v = rules_version(s).await;
+        if v != old {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: the table was not reloaded (still {old})");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_watch_a_running_server_reloads_when_its_rules_file_changes() {
+    let peers = Peers::start(SinkConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules_dir = dir.path().join("rules");
+    std::fs::create_dir(&rules_dir).unwrap();
+    let local = rules_dir.join("local.toml");
+    std::fs::write(&local, "# nothing yet\n").unwrap();
+    let extra = format!("\n[rules]\nfiles = [\"{}\", \"@default\"]\nwatch = true\n", local.display());
+    let s = Sluice::start_with(dir.path(), &config(dir.path(), &peers, &extra));
+    let v1 = rules_version(&s).await;
+
+    // written in place
+    std::fs::write(&local, LOCAL_RULE).unwrap();
+    let v2 = wait_for_new_version(&s, &v1, "after writing the file").await;
+    let (_, body) = admin(&s, "GET", "/admin/rules").await;
+    assert!(body.contains(&v2), "{body}");
+
+    // saved the way editors do: a temporary file renamed over the old one
+    let tmp = rules_dir.join(".local.toml.swp");
+    std::fs::write(&tmp, LOCAL_RULE.replace("reason = \"user_gone\"", "reason = \"user_gone_away\"")).unwrap();
+    std::fs::rename(&tmp, &local).unwrap();
+    let v3 = wait_for_new_version(&s, &v2, "after renaming a new file over it").await;
+    assert_ne!(v3, v1);
+
+    // a broken save is rejected and the table in use stays
+    std::fs::write(&local, "[[rule]]\nid = \"local.x\"\ndescription = \"d\"\ntext = \"(\"\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let metrics = admin(&s, "GET", "/metrics").await.1;
+        if metrics.contains("sluice_rules_reloads_total{result=\"error\"}") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the broken file was not noticed: {metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(rules_version(&s).await, v3, "a broken file never replaces the table in use");
     assert!(s.stop());
 }
 

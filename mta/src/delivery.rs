@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_rules::{Context, EnhancedCode, Reply, Stage};
+use sluice_rules::{Context, Reply, Stage};
 use sluice_spool::{now_ms, Leased, MessageMeta, RecipientState};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -26,6 +26,7 @@ use crate::outcome::{for_all_pending, release, settle, Feedback, RcptReply, Via}
 use crate::route::Hop;
 use crate::shaping::{take, Applied, ConnectFailure, Path, Site, Source};
 use crate::smtp_client::{ClientError, SmtpClient};
+use crate::synthetic;
 use crate::tls::server_name;
 use crate::worker::{hold_for_suspension, is_expired, Ctx};
 
@@ -50,23 +51,6 @@ struct Failure {
     try_next: bool,
     /// The TLS handshake failed: with opportunistic TLS, retry the host in plain text.
     tls_handshake: bool,
-}
-
-fn synthetic(code: u16, enhanced: (u8, u16, u16), text: String) -> Reply {
-    Reply::synthetic(code, EnhancedCode::new(enhanced.0, enhanced.1, enhanced.2), &text)
-}
-
-/// A failure that produced no reply, as a reply the rules can classify.
-fn client_failure(e: &ClientError, host: &str, during: &str) -> Reply {
-    match e {
-        ClientError::Timeout(d) => {
-            synthetic(451, (4, 4, 2), format!("timed out after {}s waiting for {host} during {during}", d.as_secs_f64()))
-        }
-        ClientError::Closed => synthetic(421, (4, 4, 2), format!("{host} closed the connection during {during}")),
-        ClientError::Io(err) => synthetic(421, (4, 4, 2), format!("network error with {host} during {during}: {err}")),
-        ClientError::Malformed(m) => synthetic(451, (4, 5, 0), format!("{host} answered {during} with a malformed reply: {m}")),
-        ClientError::Tls(err) => synthetic(421, (4, 7, 5), format!("TLS handshake with {host} failed: {err}")),
-    }
 }
 
 /// When the lease of `msg` must be handed back, with time to spare for the spool write.
@@ -287,7 +271,7 @@ async fn serve(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, session: &mut Sess
                     }
                     return Ended::Done;
                 }
-                let reply = synthetic(451, (4, 4, 5), "not tried: the sending rate did not allow it before the lease ended".to_string());
+                let reply = synthetic::rate_not_allowed();
                 replies.extend(chunk_replies(&pending[n * per_tx..], &reply, Stage::Mail));
                 break;
             }
@@ -302,7 +286,7 @@ async fn serve(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, session: &mut Sess
                             path.push_front(site, msg);
                             return Ended::Broken;
                         }
-                        let reply = synthetic(421, (4, 4, 2), format!("{host} did not accept RSET between transactions"));
+                        let reply = synthetic::rset_refused(&host);
                         replies.extend(chunk_replies(&pending[n * per_tx..], &reply, Stage::Mail));
                         broken = true;
                         break;
@@ -319,7 +303,7 @@ async fn serve(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, session: &mut Sess
             if b {
                 let rest = &pending[((n + 1) * per_tx).min(pending.len())..];
                 if !rest.is_empty() {
-                    let reply = synthetic(421, (4, 4, 2), "the connection broke before these recipients were tried".to_string());
+                    let reply = synthetic::broke_before_tried();
                     replies.extend(chunk_replies(rest, &reply, Stage::Mail));
                 }
                 broken = true;
@@ -434,7 +418,7 @@ async fn connect(ctx: &Ctx, hops: &[Hop], source: &Source, tls: TlsMode, deadlin
     }
     let _ = t;
     Err(last.unwrap_or_else(|| {
-        let reply = lookup_failure.unwrap_or_else(|| synthetic(451, (4, 4, 4), "no host to deliver to".to_string()));
+        let reply = lookup_failure.unwrap_or_else(synthetic::no_host);
         Failure { reply, stage: Stage::Connect, via: Via::default(), try_next: false, tls_handshake: false }
     }))
 }
@@ -451,9 +435,9 @@ async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, source: &Source, tls: TlsM
 
     let mut client = SmtpClient::connect_from(addr, source.bind, wait(t.connect))
         .await
-        .map_err(|e| fail(synthetic(421, (4, 4, 1), format!("cannot connect to {host} [{addr}]: {e}")), Stage::Connect, true))?;
+        .map_err(|e| fail(synthetic::connect_failed(host, addr, e), Stage::Connect, true))?;
     metrics::counter!("sluice_delivery_connections_total").increment(1);
-    let banner = client.read_reply(wait(t.banner)).await.map_err(|e| fail(client_failure(&e, host, "the greeting"), Stage::Connect, true))?;
+    let banner = client.read_reply(wait(t.banner)).await.map_err(|e| fail(synthetic::client_failure(&e, host, "the greeting"), Stage::Connect, true))?;
     match banner.class() {
         2 => {}
         4 => return Err(fail(banner, Stage::Connect, true)),
@@ -462,20 +446,20 @@ async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, source: &Source, tls: TlsM
     greet(ctx, &mut client, &source.ehlo, host, deadline).await.map_err(|(r, next)| fail(r, Stage::Ehlo, next))?;
 
     if use_tls && client.capabilities().starttls {
-        let reply = client.command("STARTTLS", wait(t.tls)).await.map_err(|e| fail(client_failure(&e, host, "STARTTLS"), Stage::StartTls, true))?;
+        let reply = client.command("STARTTLS", wait(t.tls)).await.map_err(|e| fail(synthetic::client_failure(&e, host, "STARTTLS"), Stage::StartTls, true))?;
         if reply.class() == 2 {
             let name = server_name(host)
-                .ok_or_else(|| fail(synthetic(451, (4, 7, 5), format!("{host:?} is not a valid TLS server name")), Stage::StartTls, true))?;
+                .ok_or_else(|| fail(synthetic::invalid_tls_name(host), Stage::StartTls, true))?;
             client = client.start_tls(&ctx.tls, name, wait(t.tls)).await.map_err(|e| Failure {
                 tls_handshake: true,
-                ..fail(client_failure(&e, host, "the TLS handshake"), Stage::StartTls, true)
+                ..fail(synthetic::client_failure(&e, host, "the TLS handshake"), Stage::StartTls, true)
             })?;
             greet(ctx, &mut client, &source.ehlo, host, deadline).await.map_err(|(r, next)| fail(r, Stage::Ehlo, next))?;
         } else if required {
-            return Err(fail(synthetic(451, (4, 7, 10), format!("{host} refused STARTTLS ({reply}) and TLS is required")), Stage::StartTls, true));
+            return Err(fail(synthetic::starttls_refused(host, &reply), Stage::StartTls, true));
         }
     } else if use_tls && required {
-        return Err(fail(synthetic(451, (4, 7, 10), format!("{host} does not offer STARTTLS and TLS is required")), Stage::StartTls, true));
+        return Err(fail(synthetic::starttls_missing(host), Stage::StartTls, true));
     }
     let via = Via { mx_host: Some(hop.name.clone()), tls: client.is_tls(), local_ip: Some(client.local_addr().ip()), provider: None };
     Ok(Session { client, via, sent: 0 })
@@ -485,11 +469,11 @@ async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, source: &Source, tls: TlsM
 /// the next host is worth trying.
 async fn greet(ctx: &Ctx, client: &mut SmtpClient, name: &str, host: &str, deadline: Instant) -> Result<(), (Reply, bool)> {
     let wait = ctx.config.timeouts.ehlo.min(time_left(deadline));
-    let reply = client.ehlo(name, wait).await.map_err(|e| (client_failure(&e, host, "EHLO"), true))?;
+    let reply = client.ehlo(name, wait).await.map_err(|e| (synthetic::client_failure(&e, host, "EHLO"), true))?;
     let reply = match reply.class() {
         2 => return Ok(()),
         4 => return Err((reply, true)),
-        _ => client.helo(name, wait).await.map_err(|e| (client_failure(&e, host, "HELO"), true))?,
+        _ => client.helo(name, wait).await.map_err(|e| (synthetic::client_failure(&e, host, "HELO"), true))?,
     };
     match reply.class() {
         2 => Ok(()),
@@ -522,11 +506,11 @@ async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire:
     }
     let needs_utf8 = !meta.mail_from.is_ascii() || rcpts.iter().any(|(_, a)| !a.is_ascii());
     if needs_utf8 && !caps.smtputf8 {
-        let reply = synthetic(553, (5, 6, 7), format!("{host} does not support SMTPUTF8, which a non-ASCII address needs"));
+        let reply = synthetic::smtputf8_unsupported(&host);
         return (chunk_replies(indices, &reply, Stage::Mail), false);
     }
     if let Some(limit) = caps.size.filter(|&l| l > 0 && wire.message_size as u64 > l) {
-        let reply = synthetic(552, (5, 3, 4), format!("message of {} bytes exceeds the {limit}-byte limit of {host}", wire.message_size));
+        let reply = synthetic::too_large(wire.message_size, limit, &host);
         return (chunk_replies(indices, &reply, Stage::Mail), false);
     }
 
@@ -549,12 +533,12 @@ async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire:
     if pipelined {
         let batch: String = std::iter::once(mail.as_str()).chain(rcpt_cmds.iter().map(String::as_str)).chain(["DATA\r\n"]).collect();
         if let Err(e) = client.send(batch.as_bytes(), wait(t.mail)).await {
-            return tx.broken(client_failure(&e, &host, "MAIL FROM"), Stage::Mail);
+            return tx.broken(synthetic::client_failure(&e, &host, "MAIL FROM"), Stage::Mail);
         }
     }
     match exchange(client, pipelined, &mail, wait(t.mail)).await {
         Ok(r) => tx.mail = Some(r),
-        Err(e) => return tx.broken(client_failure(&e, &host, "MAIL FROM"), Stage::Mail),
+        Err(e) => return tx.broken(synthetic::client_failure(&e, &host, "MAIL FROM"), Stage::Mail),
     }
     let mail_ok = tx.mail.as_ref().is_some_and(|r| r.class() == 2);
     if !mail_ok && !pipelined {
@@ -563,7 +547,7 @@ async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire:
     for cmd in &rcpt_cmds {
         match exchange(client, pipelined, cmd, wait(t.rcpt)).await {
             Ok(r) => tx.rcpt.push(r),
-            Err(e) => return tx.broken(client_failure(&e, &host, "RCPT TO"), Stage::Rcpt),
+            Err(e) => return tx.broken(synthetic::client_failure(&e, &host, "RCPT TO"), Stage::Rcpt),
         }
     }
     let any_accepted = tx.rcpt.iter().any(|r| r.class() == 2);
@@ -572,7 +556,7 @@ async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire:
     }
     let data = match exchange(client, pipelined, "DATA\r\n", wait(t.data)).await {
         Ok(r) => r,
-        Err(e) => return tx.broken(client_failure(&e, &host, "DATA"), Stage::Data),
+        Err(e) => return tx.broken(synthetic::client_failure(&e, &host, "DATA"), Stage::Data),
     };
     if data.code != 354 {
         tx.end = Some((data, Stage::Data));
@@ -581,19 +565,19 @@ async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire:
     if !mail_ok || !any_accepted {
         // Pipelined DATA went through although nothing can be delivered: end it empty.
         if let Err(e) = client.send(b".\r\n", wait(t.data)).await {
-            return tx.broken(client_failure(&e, &host, "DATA"), Stage::Data);
+            return tx.broken(synthetic::client_failure(&e, &host, "DATA"), Stage::Data);
         }
         return match client.read_reply(wait(t.end_of_data)).await {
             Ok(_) => tx.finish(),
-            Err(e) => tx.broken(client_failure(&e, &host, "the end of DATA"), Stage::EndOfData),
+            Err(e) => tx.broken(synthetic::client_failure(&e, &host, "the end of DATA"), Stage::EndOfData),
         };
     }
     if let Err(e) = client.send_blocks(&wire.bytes, wait(t.data)).await {
-        return tx.broken(client_failure(&e, &host, "the message body"), Stage::Data);
+        return tx.broken(synthetic::client_failure(&e, &host, "the message body"), Stage::Data);
     }
     match client.read_reply(wait(t.end_of_data)).await {
         Ok(r) => tx.end = Some((r, Stage::EndOfData)),
-        Err(e) => return tx.broken(client_failure(&e, &host, "the end of DATA"), Stage::EndOfData),
+        Err(e) => return tx.broken(synthetic::client_failure(&e, &host, "the end of DATA"), Stage::EndOfData),
     }
     tx.finish()
 }
@@ -630,7 +614,7 @@ impl Transaction {
             || self.rcpt.iter().any(closing)
             || self.end.as_ref().is_some_and(|(r, _)| closing(r));
         let fallback = self.failure.clone().unwrap_or_else(|| {
-            (synthetic(451, (4, 4, 2), "transaction ended without a reply".to_string()), Stage::EndOfData)
+            (synthetic::no_final_reply(), Stage::EndOfData)
         });
         let replies = self
             .indices

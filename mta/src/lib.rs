@@ -15,6 +15,7 @@ mod outcome;
 mod route;
 pub mod shaping;
 pub mod smtp_client;
+pub mod synthetic;
 mod tls;
 mod worker;
 

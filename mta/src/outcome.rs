@@ -8,7 +8,7 @@ use std::time::Duration;
 use rand::Rng;
 use serde_json::Value;
 use sluice_events::{Event, EventKind};
-use sluice_rules::{Context, Disposition, Outcome, Reply, ShapingAction, Stage};
+use sluice_rules::{BounceType, Context, Disposition, Outcome, Reply, ShapingAction, Stage};
 use sluice_spool::{now_ms, Leased, MessageMeta, RecipientState, SpoolError, Suppression};
 
 use crate::config::RetrySettings;
@@ -127,7 +127,8 @@ async fn settle_inner(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, via: &
                 let ev = Event::for_address(EventKind::Delivered, &meta, &address)
                     .with("response", text)
                     .with("tls", u8::from(via.tls))
-                    .with("sluice_rule", d.outcome.rule_id.clone());
+                    .with("sluice_rule", d.outcome.rule_id.clone())
+                    .with("sluice_rules_version", d.outcome.rules_version.to_string());
                 let ev = match via.local_ip {
                     Some(ip) => ev.with("ip", ip.to_string()),
                     None => ev,
@@ -149,16 +150,18 @@ async fn settle_inner(ctx: &Ctx, leased: Leased, replies: Vec<RcptReply>, via: &
                 rcpt.state = RecipientState::Failed;
                 bounced += 1;
                 let reason = format!("{domain}: retries expired after {attempt} attempts: {text}");
-                bounce_event(&meta, &address, reason, "4.4.7".into(), "blocked", &d.outcome)
+                // SendGrid reports deferrals that never cleared as blocks, and never suppresses them.
+                bounce_event(&meta, &address, reason, "4.4.7".into(), BounceType::Blocked, &d.outcome)
             }
             Disposition::Bounce => {
                 rcpt.state = RecipientState::Failed;
                 bounced += 1;
-                let kind = if d.reply.class() == 5 { "bounce" } else { "blocked" };
+                // The rules decide both (docs/rules.md): suppress is only ever set on a 5xx
+                // bounce of type "bounce".
                 if d.outcome.suppress {
                     suppress.push(Suppression::new(&meta.tenant, &address, text.clone(), d.outcome.rule_id.clone()));
                 }
-                bounce_event(&meta, &address, text, status_of(&d.reply), kind, &d.outcome)
+                bounce_event(&meta, &address, text, status_of(&d.reply), d.outcome.bounce_type, &d.outcome)
             }
         };
         let event = if d.outcome.disposition == Disposition::Delivered { event } else { with_session(event, via) };
@@ -224,11 +227,11 @@ fn with_session(event: Event, via: &Via) -> Event {
     }
 }
 
-fn bounce_event(meta: &MessageMeta, address: &str, reason: String, status: String, kind: &str, outcome: &Outcome) -> Event {
+fn bounce_event(meta: &MessageMeta, address: &str, reason: String, status: String, kind: BounceType, outcome: &Outcome) -> Event {
     Event::for_address(EventKind::Bounce, meta, address)
         .with("reason", reason)
         .with("status", status)
-        .with("type", kind)
+        .with("type", kind.as_str())
         .with("bounce_classification", outcome.classification.as_str())
         .with("sluice_rule", outcome.rule_id.clone())
         .with("sluice_rules_version", Value::String(outcome.rules_version.to_string()))

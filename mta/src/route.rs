@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use hickory_resolver::config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::{Resolver, TokioResolver};
 use rand::seq::SliceRandom;
-use sluice_rules::{EnhancedCode, Reply};
+use sluice_rules::Reply;
 
 use crate::config::{HostPort, MtaConfig};
+use crate::synthetic;
 use crate::MtaSetupError;
 
 /// One next hop: a host to connect to, in order of preference.
@@ -40,10 +40,6 @@ pub(crate) struct Router {
     port: u16,
     /// Upper bound for one lookup, over all attempts and servers.
     lookup_timeout: Duration,
-}
-
-fn synthetic(code: u16, enhanced: (u8, u16, u16), text: String) -> Reply {
-    Reply::synthetic(code, EnhancedCode::new(enhanced.0, enhanced.1, enhanced.2), &text)
 }
 
 /// `name` as an absolute name, so no search domains are appended.
@@ -112,7 +108,7 @@ impl Router {
         }
         if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
             let ip = literal.strip_prefix("IPv6:").unwrap_or(literal).parse::<IpAddr>().map_err(|_| {
-                synthetic(550, (5, 1, 2), format!("{domain} is not a valid address literal"))
+                synthetic::invalid_address_literal(domain)
             })?;
             return Ok(vec![Hop { name: ip.to_string(), ip: Some(ip), port: self.port }]);
         }
@@ -122,7 +118,7 @@ impl Router {
     async fn mx_hops(&self, domain: &str) -> Result<Vec<Hop>, Reply> {
         let lookup = tokio::time::timeout(self.lookup_timeout, self.resolver.mx_lookup(fqdn(domain))).await;
         let mut mx: Vec<(u16, String)> = match lookup {
-            Err(_) => return Err(dns_failure(domain, "MX", &format!("no answer within {}s", self.lookup_timeout.as_secs()))),
+            Err(_) => return Err(synthetic::dns_failure(domain, "MX", &format!("no answer within {}s", self.lookup_timeout.as_secs()))),
             Ok(Ok(answer)) => answer
                 .answers()
                 .iter()
@@ -132,11 +128,11 @@ impl Router {
                 })
                 .collect(),
             Ok(Err(e)) if e.is_nx_domain() => {
-                return Err(synthetic(550, (5, 1, 2), format!("{domain}: domain does not exist (NXDOMAIN)")));
+                return Err(synthetic::nxdomain(domain));
             }
             // No MX records: the domain itself is the mail host (RFC 5321 §5.1 implicit MX).
             Ok(Err(e)) if e.is_no_records_found() => Vec::new(),
-            Ok(Err(e)) => return Err(dns_failure(domain, "MX", &e.to_string())),
+            Ok(Err(e)) => return Err(synthetic::dns_failure(domain, "MX", &e.to_string())),
         };
         if mx.is_empty() {
             return Ok(vec![Hop { name: domain.to_string(), ip: None, port: self.port }]);
@@ -144,7 +140,7 @@ impl Router {
         // RFC 7505: a lone "0 ." says the domain accepts no mail.
         let is_null = |(_, host): &(u16, String)| host == "." || host.is_empty();
         if mx.iter().all(is_null) {
-            return Err(synthetic(556, (5, 1, 10), format!("{domain} does not accept mail (null MX)")));
+            return Err(synthetic::null_mx(domain));
         }
         mx.retain(|m| !is_null(m));
         mx.shuffle(&mut rand::rng());
@@ -162,7 +158,7 @@ impl Router {
             return Ok(vec![ip]);
         }
         match tokio::time::timeout(self.lookup_timeout, self.resolver.lookup_ip(fqdn(&hop.name))).await {
-            Err(_) => Err(dns_failure(&hop.name, "A/AAAA", &format!("no answer within {}s", self.lookup_timeout.as_secs()))),
+            Err(_) => Err(synthetic::dns_failure(&hop.name, "A/AAAA", &format!("no answer within {}s", self.lookup_timeout.as_secs()))),
             Ok(Ok(ips)) => {
                 // IPv4 first: hosts without IPv6 connectivity fail fast on v6 anyway, but a
                 // v4 success should not wait behind v6 attempts.
@@ -170,17 +166,8 @@ impl Router {
                 v4.extend(v6);
                 Ok(v4)
             }
-            Ok(Err(e)) if e.is_no_records_found() => Err(no_address(&hop.name, &e)),
-            Ok(Err(e)) => Err(dns_failure(&hop.name, "A/AAAA", &e.to_string())),
+            Ok(Err(e)) if e.is_no_records_found() => Err(synthetic::no_address(&hop.name, e.is_nx_domain())),
+            Ok(Err(e)) => Err(synthetic::dns_failure(&hop.name, "A/AAAA", &e.to_string())),
         }
     }
-}
-
-fn dns_failure(name: &str, what: &str, detail: &str) -> Reply {
-    synthetic(451, (4, 4, 3), format!("DNS lookup of {what} for {name} failed: {detail}"))
-}
-
-fn no_address(name: &str, e: &NetError) -> Reply {
-    let why = if e.is_nx_domain() { "does not exist" } else { "has no A or AAAA records" };
-    synthetic(550, (5, 4, 4), format!("{name} {why}"))
 }

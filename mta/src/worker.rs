@@ -381,7 +381,7 @@ fn expired_reply(ctx: &Ctx, msg: &Leased, now: u64) -> Option<Reply> {
     let expires = crate::outcome::expires_at(ctx, &msg.meta);
     (now >= expires).then(|| {
         let age_h = now.saturating_sub(msg.meta.created_at) as f64 / 3_600_000.0;
-        Reply::synthetic(451, sluice_rules::EnhancedCode::new(4, 4, 7), &format!("message expired in the queue after {age_h:.1} hours"))
+        crate::synthetic::expired_in_queue(age_h)
     })
 }
 

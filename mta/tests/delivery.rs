@@ -3,12 +3,13 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Bench, WAIT};
 use sluice_load::sink::{Match, Rule, Scenario, SinkConfig, Stage};
 use sluice_rules::EnhancedCode;
-use sluice_spool::RecipientState;
+use sluice_spool::{RecipientState, SuppressionList};
 
 #[tokio::test]
 async fn delivers_envelope_and_body_with_prepended_headers() {
@@ -389,4 +390,39 @@ async fn an_untrusted_certificate_falls_back_to_plain_text_or_defers_when_tls_is
     assert_eq!(e["event"], "deferred");
     assert!(e["response"].as_str().unwrap().starts_with("421 4.7.5 TLS handshake with mx.dest.test failed"), "{e}");
     assert_eq!(bench.sink.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn blocks_and_bounces_are_typed_by_the_rules_and_only_address_bounces_are_suppressed() {
+    // The default table decides, as in production: a block-list refusal is a block (the
+    // sender's fault) and never suppresses; an unknown user is a bounce and does.
+    let scenario = Scenario::standard().rule(
+        Rule::at(Stage::Rcpt)
+            .when(Match::LocalPartPrefix("listed".into()))
+            .reply("554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using zen.spamhaus.org; https://www.spamhaus.org/query/ip/127.0.0.1"),
+    );
+    let bench = Bench::new(SinkConfig { scenario, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    bench.enqueue("dest.test", &["ok@dest.test", "listed@dest.test", "bounce-z@dest.test"], "Subject: s\r\n\r\nb\r\n").await;
+    let engine = Arc::new(sluice_rules::Engine::load(vec![sluice_rules::DEFAULT_TABLE.into()]).unwrap());
+    let version = engine.version().to_string();
+    let mta = sluice_mta::Mta::new(bench.config(), bench.spool.clone(), bench.events.clone(), engine).unwrap().with_suppressions(bench.local.clone());
+    let mta = Bench::run(mta);
+    let events = bench.events(3).await;
+    mta.stop().await;
+
+    let by = |email: &str| events.iter().find(|e| e["email"] == email).unwrap().clone();
+    let delivered = by("ok@dest.test");
+    assert_eq!(delivered["event"], "delivered");
+    assert_eq!(delivered["sluice_rules_version"], version.as_str(), "delivered events name the table too");
+    let blocked = by("listed@dest.test");
+    assert_eq!((blocked["event"].as_str(), blocked["type"].as_str()), (Some("bounce"), Some("blocked")), "{blocked}");
+    assert_eq!(blocked["bounce_classification"], "Reputation");
+    assert_eq!(blocked["sluice_rule"], "blocklist.spamhaus");
+    let bounced = by("bounce-z@dest.test");
+    assert_eq!((bounced["type"].as_str(), bounced["bounce_classification"].as_str()), (Some("bounce"), Some("Invalid Address")), "{bounced}");
+
+    let list = &bench.local;
+    let suppressed = list.check("test", &["listed@dest.test".to_string(), "bounce-z@dest.test".to_string()]).await.unwrap();
+    assert_eq!(suppressed, [false, true], "only the address-level bounce is suppressed");
 }

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use crate::{BounceClass, Classify, Context, Disposition, Outcome, Reply, ShapingAction};
+use crate::{BounceClass, BounceType, Classify, Context, Disposition, Outcome, Reply, ShapingAction};
 
 /// The fallback classifier: 2xx delivered, 4xx retry, 5xx bounce, classified by the
 /// enhanced status code when there is one.
@@ -38,13 +38,14 @@ impl FallbackLayer {
     }
 }
 
-fn outcome(disposition: Disposition, classification: BounceClass, reason: &str, rule_id: String, rules_version: Arc<str>) -> Outcome {
+fn outcome(reply: &Reply, disposition: Disposition, classification: BounceClass, reason: &str, rule_id: String, rules_version: Arc<str>) -> Outcome {
     Outcome {
         disposition,
         classification,
         reason: reason.to_string(),
+        bounce_type: BounceType::default_for(classification, reply.class()),
         // Only a permanent "no such address" is worth suppressing without a rule saying so.
-        suppress: disposition == Disposition::Bounce && classification == BounceClass::InvalidAddress,
+        suppress: disposition == Disposition::Bounce && reply.class() == 5 && classification == BounceClass::InvalidAddress,
         rule_id,
         shaping: ShapingAction::None,
         rules_version,
@@ -60,17 +61,17 @@ pub(crate) fn rfc3463(reply: &Reply, rules_version: &Arc<str>) -> Option<Outcome
         return None;
     }
     let (c, r) = by_enhanced(e.subject, e.detail);
-    Some(outcome(disposition, c, r, format!("builtin:rfc3463:x.{}.{}", e.subject, e.detail), rules_version.clone()))
+    Some(outcome(reply, disposition, c, r, format!("builtin:rfc3463:x.{}.{}", e.subject, e.detail), rules_version.clone()))
 }
 
 /// The RFC 5321 layer: the reply class alone.
 pub(crate) fn rfc5321(reply: &Reply, rules_version: &Arc<str>) -> Outcome {
     let disposition = Disposition::of_class(reply.class());
     if disposition == Disposition::Delivered {
-        return outcome(disposition, BounceClass::Unclassified, "accepted", "builtin:2xx".to_string(), rules_version.clone());
+        return outcome(reply, disposition, BounceClass::Unclassified, "accepted", "builtin:2xx".to_string(), rules_version.clone());
     }
     let id = format!("builtin:rfc5321:{}xx", reply.class());
-    outcome(disposition, BounceClass::Unclassified, "no_enhanced_code", id, rules_version.clone())
+    outcome(reply, disposition, BounceClass::Unclassified, "no_enhanced_code", id, rules_version.clone())
 }
 
 /// The fallback decision: RFC 3463, then RFC 5321; with the layer that decided.

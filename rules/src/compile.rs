@@ -14,7 +14,7 @@ use crate::pattern::{CodePattern, EnhancedPattern, StageSet};
 use crate::provider::{Provider, Providers};
 use crate::source::{line_of, version_of, Location, Source};
 use crate::table::{Example, HitCounters, Rule, Table, TextPattern};
-use crate::{BounceClass, Disposition, Reply, ShapingAction, Stage, Threshold};
+use crate::{BounceClass, BounceType, Disposition, Reply, ShapingAction, Stage, Threshold};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,6 +62,9 @@ struct RawRule {
     reason: Spanned<String>,
     #[serde(default)]
     disposition: Option<Spanned<String>>,
+    /// The bounce event's `type`: "bounce" or "blocked".
+    #[serde(default, rename = "type")]
+    kind: Option<Spanned<String>>,
     #[serde(default)]
     suppress: bool,
     #[serde(default)]
@@ -379,8 +382,31 @@ fn rule(raw: RawRule, offset: usize, providers: &Providers, p: &mut Problems<'_>
             None
         })
     });
-    if raw.suppress && disposition.is_some_and(|d| d != Disposition::Bounce) {
-        p.at(offset, ctx("suppress = true needs disposition = \"bounce\" (only bounced recipients are suppressed)".into()));
+    let bounce_type = raw.kind.as_ref().and_then(|k| {
+        BounceType::parse(k.get_ref()).or_else(|| {
+            p.at(k.span().start, ctx(format!("unknown type {:?}; expected \"bounce\" (the address is refused) or \"blocked\" (the sender or message is)", k.get_ref())));
+            None
+        })
+    });
+    if raw.suppress {
+        if disposition.is_some_and(|d| d != Disposition::Bounce) {
+            p.at(offset, ctx("suppress = true needs disposition = \"bounce\" (only bounced recipients are suppressed)".into()));
+        }
+        // A temporary reply says nothing final about the address, however it is worded.
+        let only_5xx = !codes.is_empty()
+            && codes.iter().all(|c| match c {
+                CodePattern::Exact(x) => (500..600).contains(x),
+                CodePattern::Class(x) => *x == 5,
+            });
+        let code_unreadable = raw.code.is_some() && codes.is_empty(); // reported above
+        if !only_5xx && !code_unreadable {
+            let at = raw.code.as_ref().map_or(offset, |c| c.span().start);
+            p.at(at, ctx("suppress = true on a rule that can match a 4xx reply: only permanent failures are suppressed; set code = \"5xx\" (or 5xx codes)".into()));
+        }
+        let effective = bounce_type.or_else(|| classification.map(|c| BounceType::default_for(c, 5)));
+        if effective == Some(BounceType::Blocked) {
+            p.at(offset, ctx("suppress = true on a rule whose bounces are of type \"blocked\" (the sender or the message was refused, not the address): blocked replies are never suppressed".into()));
+        }
     }
     let shaping = match &raw.shaping {
         None => ShapingAction::None,
@@ -444,6 +470,7 @@ fn rule(raw: RawRule, offset: usize, providers: &Providers, p: &mut Problems<'_>
         classification: classification?,
         reason: raw.reason.into_inner(),
         disposition,
+        bounce_type,
         suppress: raw.suppress,
         shaping,
         examples,

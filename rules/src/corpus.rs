@@ -197,6 +197,9 @@ pub fn differences(old: &Outcome, new: &Outcome) -> Vec<String> {
     if old.disposition != new.disposition {
         d.push(format!("disposition {} → {}", old.disposition, new.disposition));
     }
+    if old.disposition == Disposition::Bounce && new.disposition == Disposition::Bounce && old.bounce_type != new.bounce_type {
+        d.push(format!("type {} → {}", old.bounce_type, new.bounce_type));
+    }
     if old.suppress != new.suppress {
         d.push(format!("suppress {} → {}", old.suppress, new.suppress));
     }

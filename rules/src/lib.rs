@@ -28,7 +28,7 @@ pub use builtin::{Builtin, FallbackLayer};
 pub use config::RulesConfig;
 pub use engine::{Engine, Reloaded};
 pub use error::{Diagnostic, TableError};
-pub use outcome::{BounceClass, Disposition, Outcome, ShapingAction, Threshold};
+pub use outcome::{BounceClass, BounceType, Disposition, Outcome, ShapingAction, Threshold};
 pub use provider::{Provider, Providers};
 pub use rate::Rate;
 pub use reply::{EnhancedCode, Reply, ReplyError, Stage};

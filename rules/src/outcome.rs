@@ -92,6 +92,55 @@ impl fmt::Display for BounceClass {
     }
 }
 
+/// SendGrid's bounce event `type`: `bounce` when the receiver refused the *address* (it does
+/// not exist, or its mailbox cannot take mail), `blocked` when it refused the *sender* or the
+/// message (reputation, block lists, content, rate or volume) or the two servers could not
+/// complete the delivery (a technical failure). Only `bounce`s are ever suppressed: a block
+/// says nothing about the address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BounceType {
+    Bounce,
+    Blocked,
+}
+
+impl BounceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BounceType::Bounce => "bounce",
+            BounceType::Blocked => "blocked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "bounce" => Some(BounceType::Bounce),
+            "blocked" => Some(BounceType::Blocked),
+            _ => None,
+        }
+    }
+
+    /// The type a classification gives when the rule names none: `Invalid Address` and
+    /// `Mailbox Unavailable` are about the address (bounce); `Reputation`, `Content` and
+    /// `Frequency or Volume Too High` about the sender (blocked); `Technical` failures are
+    /// between the servers, the address may be fine (blocked, as SendGrid reports a domain
+    /// whose MX cannot be found); `Unclassified` says nothing, so the reply class decides
+    /// (a permanent 5xx is a bounce, a 4xx turned into a failure is blocked).
+    pub fn default_for(classification: BounceClass, reply_class: u8) -> Self {
+        match classification {
+            BounceClass::InvalidAddress | BounceClass::MailboxUnavailable => BounceType::Bounce,
+            BounceClass::Reputation | BounceClass::Content | BounceClass::FrequencyOrVolume | BounceClass::Technical => BounceType::Blocked,
+            BounceClass::Unclassified if reply_class == 5 => BounceType::Bounce,
+            BounceClass::Unclassified => BounceType::Blocked,
+        }
+    }
+}
+
+impl fmt::Display for BounceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Apply a shaping action only once the rule matched `count` times within `window` on the
 /// same path: one 421 is noise, twenty in five minutes is a signal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +205,10 @@ pub struct Outcome {
     pub classification: BounceClass,
     /// A finer label than the classification (`user_unknown`, `rate_limited`, ...).
     pub reason: String,
-    /// Add the recipient to the suppression list (only meaningful for bounces).
+    /// The bounce event's `type` (only meaningful for bounces).
+    pub bounce_type: BounceType,
+    /// Add the recipient to the suppression list: only ever true for a permanent (5xx)
+    /// bounce of type `bounce`.
     pub suppress: bool,
     /// The id of the rule that decided (stable; appears in events and metrics).
     pub rule_id: String,

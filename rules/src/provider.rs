@@ -134,6 +134,19 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_suffix_wins_whatever_the_label_counts() {
+        let ps = Providers::new(vec![p("short", &["example.net"], &["co.uk"]), p("long", &["mx.eu.example.net"], &["big.co.uk"])]).unwrap();
+        assert_eq!(ps.identify(Some("a.b.mx.eu.example.net"), None), Some(1));
+        assert_eq!(ps.identify(Some("mx.eu.example.net"), None), Some(1));
+        assert_eq!(ps.identify(Some("eu.example.net"), None), Some(0));
+        assert_eq!(ps.identify(Some("example.net"), None), Some(0));
+        assert_eq!(ps.identify(Some("net"), None), None, "fewer labels than any suffix");
+        assert_eq!(ps.identify(None, Some("mail.big.co.uk")), Some(1));
+        assert_eq!(ps.identify(None, Some("small.co.uk")), Some(0));
+        assert_eq!(Providers::new(vec![]).unwrap().identify(Some("a.b"), Some("c.d")), None);
+    }
+
+    #[test]
     fn a_suffix_belongs_to_one_provider() {
         let e = Providers::new(vec![p("a", &["x.net"], &[]), p("b", &["X.net"], &[])]).unwrap_err();
         assert!(e.contains("already claimed by provider \"a\""), "{e}");

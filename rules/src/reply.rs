@@ -18,12 +18,39 @@ impl EnhancedCode {
         EnhancedCode { class, subject, detail }
     }
 
-    /// Parses `d.ddd.ddd` at the start of `s`; returns the code and the rest of `s`.
+    /// Parses `d.ddd.ddd` at the start of `s`, followed by whitespace or nothing; returns the
+    /// code and the rest of `s`. Byte by byte: the normalizer calls it on every reply line.
     pub fn parse_prefix(s: &str) -> Option<(EnhancedCode, &str)> {
-        let end = s.find(|c: char| c.is_whitespace()).unwrap_or(s.len());
-        let code: EnhancedCode = s[..end].parse().ok()?;
-        Some((code, s[end..].trim_start()))
+        let b = s.as_bytes();
+        let class = match b.first()? {
+            c @ (b'2' | b'4' | b'5') => c - b'0',
+            _ => return None,
+        };
+        if b.get(1) != Some(&b'.') {
+            return None;
+        }
+        let (subject, n) = digits(&b[2..])?;
+        let dot = 2 + n;
+        if b.get(dot) != Some(&b'.') {
+            return None;
+        }
+        let (detail, n) = digits(&b[dot + 1..])?;
+        let rest = &s[dot + 1 + n..];
+        if !rest.chars().next().is_none_or(char::is_whitespace) {
+            return None;
+        }
+        Some((EnhancedCode { class, subject, detail }, rest.trim_start()))
     }
+}
+
+/// The number of 1–3 ASCII digits at the start of `b`, and how many there are; `None` for
+/// none or more than three.
+fn digits(b: &[u8]) -> Option<(u16, usize)> {
+    let n = b.iter().take(4).take_while(|c| c.is_ascii_digit()).count();
+    if n == 0 || n > 3 {
+        return None;
+    }
+    Some((b[..n].iter().fold(0u16, |v, d| v * 10 + u16::from(d - b'0')), n))
 }
 
 impl FromStr for EnhancedCode {

@@ -12,6 +12,7 @@ pub const DEFAULT_TABLE: &str = "@default";
 /// The shipped default table, in order (file name, contents).
 const DEFAULT_FILES: &[(&str, &str)] = &[
     ("00-providers.toml", include_str!("../default/00-providers.toml")),
+    ("05-synthetic.toml", include_str!("../default/05-synthetic.toml")),
     ("10-google.toml", include_str!("../default/10-google.toml")),
     ("11-yahoo.toml", include_str!("../default/11-yahoo.toml")),
     ("12-microsoft.toml", include_str!("../default/12-microsoft.toml")),
@@ -22,7 +23,6 @@ const DEFAULT_FILES: &[(&str, &str)] = &[
     ("17-china.toml", include_str!("../default/17-china.toml")),
     ("20-gateways.toml", include_str!("../default/20-gateways.toml")),
     ("30-blocklists.toml", include_str!("../default/30-blocklists.toml")),
-    ("80-synthetic.toml", include_str!("../default/80-synthetic.toml")),
     ("90-generic.toml", include_str!("../default/90-generic.toml")),
 ];
 

@@ -1,7 +1,7 @@
 //! Property tests of reply normalization: what rules' text patterns see.
 
 use proptest::prelude::*;
-use sluice_rules::Reply;
+use sluice_rules::{EnhancedCode, Reply};
 
 /// Reply text without line breaks and not starting with something that looks like an
 /// enhanced code; words of printable ASCII and some non-ASCII.
@@ -66,5 +66,16 @@ proptest! {
         let t = r.text();
         prop_assert!(!t.contains('\n') && !t.contains('\r'));
         prop_assert_eq!(t.trim(), t.as_str());
+    }
+}
+
+proptest! {
+    /// The byte-level parser of a line's enhanced code agrees with the definition: the first
+    /// whitespace-separated token is a whole `class.subject.detail` code.
+    #[test]
+    fn enhanced_code_prefix_is_a_whole_first_token(s in "([245x]|[0-9]{1,4})(\\.[0-9]{0,4}){0,3}[ ,;\\u{a0}\\u{3000}a-z.]{0,3}[a-z ]{0,6}") {
+        let end = s.find(char::is_whitespace).unwrap_or(s.len());
+        let want = s[..end].parse::<EnhancedCode>().ok().map(|c| (c, s[end..].trim_start()));
+        prop_assert_eq!(EnhancedCode::parse_prefix(&s), want);
     }
 }

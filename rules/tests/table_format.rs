@@ -1,6 +1,6 @@
 //! The table format, one match feature at a time, and what a broken table reports.
 
-use sluice_rules::{compile, BounceClass, Classify, Context, Disposition, Reply, ShapingAction, Source, Stage, Table, Threshold};
+use sluice_rules::{compile, BounceClass, BounceType, Classify, Context, Disposition, Reply, ShapingAction, Source, Stage, Table, Threshold};
 use std::time::Duration;
 
 const PROVIDERS: &str = r#"
@@ -195,11 +195,11 @@ examples = ["550 user gone"]
 
 [[rule]]
 id = "gone-soft"
-description = "same text, a 4xx: never suppressed"
+description = "same text, a 4xx: never suppressed (a suppressing rule may not match it)"
+code = "4xx"
 text = "gone"
 classification = "Invalid Address"
 reason = "user_unknown"
-suppress = true
 examples = ["450 user gone"]
 "#,
     );
@@ -220,6 +220,87 @@ examples = ["450 user gone"]
     assert_eq!(&*o.rules_version, &**t.version());
     let o = t.classify(&Reply::parse("450 user gone").unwrap(), &none());
     assert_eq!((o.rule_id.as_str(), o.disposition, o.suppress), ("gone-soft", Disposition::Retry, false));
+}
+
+#[test]
+fn bounce_type_follows_the_classification_unless_the_rule_names_one() {
+    let t = table(
+        r#"
+[[rule]]
+id = "listed"
+description = "d"
+text = "listed"
+classification = "Reputation"
+reason = "ip_blocklisted"
+examples = ["554 5.7.1 listed"]
+
+[[rule]]
+id = "unknown-user"
+description = "d"
+code = "5xx"
+enhanced = "5.1.1"
+classification = "Invalid Address"
+reason = "user_unknown"
+suppress = true
+examples = ["550 5.1.1 no such user"]
+
+[[rule]]
+id = "no-mx"
+description = "d"
+text = "no mx"
+classification = "Technical"
+reason = "mx_unresolvable"
+examples = ["550 5.4.4 no mx"]
+
+[[rule]]
+id = "closed-by-policy"
+description = "an account closed by its owner's policy: about the address, whatever the wording"
+text = "account closed by policy"
+classification = "Reputation"
+reason = "closed"
+type = "bounce"
+examples = ["550 5.7.1 account closed by policy"]
+"#,
+    );
+    let kind = |reply: &str| {
+        let o = t.classify(&Reply::parse(reply).unwrap(), &none());
+        (o.rule_id, o.bounce_type, o.suppress)
+    };
+    assert_eq!(kind("554 5.7.1 listed"), ("listed".into(), BounceType::Blocked, false));
+    assert_eq!(kind("550 5.1.1 no such user"), ("unknown-user".into(), BounceType::Bounce, true));
+    assert_eq!(kind("550 5.4.4 no mx"), ("no-mx".into(), BounceType::Blocked, false));
+    assert_eq!(kind("550 5.7.1 account closed by policy"), ("closed-by-policy".into(), BounceType::Bounce, false));
+    // the fallback layers: by classification too, Unclassified by the reply class
+    assert_eq!(kind("550 5.7.1 go away"), ("builtin:rfc3463:x.7.1".into(), BounceType::Blocked, false));
+    assert_eq!(kind("550 5.1.2 no such domain"), ("builtin:rfc3463:x.1.2".into(), BounceType::Bounce, true));
+    assert_eq!(kind("554 no"), ("builtin:rfc5321:5xx".into(), BounceType::Bounce, false));
+    assert_eq!(BounceType::default_for(BounceClass::Unclassified, 4), BounceType::Blocked);
+    assert_eq!(BounceType::default_for(BounceClass::MailboxUnavailable, 5), BounceType::Bounce);
+    assert_eq!(BounceType::default_for(BounceClass::FrequencyOrVolume, 5), BounceType::Blocked);
+    assert_eq!(BounceType::default_for(BounceClass::Content, 5), BounceType::Blocked);
+}
+
+#[test]
+fn only_permanent_address_level_bounces_may_be_suppressed() {
+    let rule = |extra: &str| format!("[[rule]]\nid = \"s\"\ndescription = \"d\"\n{extra}\nsuppress = true\nexamples = [\"550 5.1.1 gone\"]\n");
+    // no code: the rule could match a 4xx
+    let e = errors(&rule("text = \"gone\"\nclassification = \"Invalid Address\"\nreason = \"x\""));
+    assert!(e.contains("rules.toml:1: rule \"s\": suppress = true on a rule that can match a 4xx reply"), "{e}");
+    // a 4xx code among the codes: reported where the code is
+    let e = errors(&rule("code = [\"550\", \"450\"]\nclassification = \"Invalid Address\"\nreason = \"x\""));
+    assert!(e.contains("rules.toml:4: rule \"s\": suppress = true on a rule that can match a 4xx reply"), "{e}");
+    let e = errors(&rule("code = \"4xx\"\nclassification = \"Invalid Address\"\nreason = \"x\""));
+    assert!(e.contains("can match a 4xx reply"), "{e}");
+    // a block by classification, or by its type
+    let e = errors(&rule("code = \"5xx\"\nclassification = \"Reputation\"\nreason = \"x\""));
+    assert!(e.contains("rules.toml:1: rule \"s\": suppress = true on a rule whose bounces are of type \"blocked\""), "{e}");
+    let e = errors(&rule("code = \"5xx\"\nclassification = \"Invalid Address\"\nreason = \"x\"\ntype = \"blocked\""));
+    assert!(e.contains("of type \"blocked\""), "{e}");
+    let e = errors(&rule("code = \"5xx\"\nclassification = \"Invalid Address\"\nreason = \"x\"\ntype = \"soft\""));
+    assert!(e.contains("rules.toml:7: rule \"s\": unknown type \"soft\""), "{e}");
+    // a 5xx address-level rule is fine, also a Reputation one explicitly typed "bounce"
+    table(&rule("code = \"5xx\"\nclassification = \"Invalid Address\"\nreason = \"x\""));
+    table(&rule("code = [\"550\", \"553\"]\nclassification = \"Reputation\"\nreason = \"x\"\ntype = \"bounce\""));
 }
 
 #[test]

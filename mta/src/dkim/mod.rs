@@ -16,10 +16,11 @@ mod keys;
 mod policy;
 mod sign;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sluice_rules::{EnhancedCode, Reply};
+use sluice_rules::Reply;
 use sluice_spool::MessageMeta;
 use tokio::sync::Semaphore;
 
@@ -28,6 +29,7 @@ pub use keys::{DnsRecord, KeyAlgorithm, KeyError, PrivateKey};
 pub use policy::{Decision, DkimPolicy, HeaderFacts, SIGNED_HEADERS};
 pub use sign::SignError;
 
+use crate::synthetic;
 use sign::KeyRing;
 
 /// Why DKIM signing could not be set up.
@@ -49,6 +51,30 @@ pub struct DkimSigning {
     permits: Arc<Semaphore>,
     /// No keys and no refusals: nothing to look at, every message goes out as it is.
     inert: bool,
+    /// Signatures being computed right now, and the most there ever were at once (two
+    /// atomic operations per message: cheap enough to keep in production, and what proves
+    /// the bound holds; also the gauge `sluice_dkim_signing_in_progress`).
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+}
+
+/// One message being signed on the blocking pool; counted while it lives.
+struct Signing<'a>(&'a DkimSigning);
+
+impl Signing<'_> {
+    fn start(signer: &DkimSigning) -> Signing<'_> {
+        let now = signer.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        signer.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        metrics::gauge!("sluice_dkim_signing_in_progress").increment(1.0);
+        Signing(signer)
+    }
+}
+
+impl Drop for Signing<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!("sluice_dkim_signing_in_progress").decrement(1.0);
+    }
 }
 
 impl DkimSigning {
@@ -58,7 +84,14 @@ impl DkimSigning {
         let keys = KeyRing::load(config)?;
         let policy = DkimPolicy::from_config(config);
         let inert = keys.is_empty() && !policy.may_refuse();
-        Ok(DkimSigning { policy, keys, permits: Arc::new(Semaphore::new(config.max_parallel_signing)), inert })
+        Ok(DkimSigning {
+            policy,
+            keys,
+            permits: Arc::new(Semaphore::new(config.max_parallel_signing)),
+            inert,
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
+        })
     }
 
     /// Signs nothing (no `[dkim]` keys configured).
@@ -68,7 +101,15 @@ impl DkimSigning {
             keys: KeyRing::empty(),
             permits: Arc::new(Semaphore::new(1)),
             inert: true,
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// The most messages that were ever being signed at the same time (never more than
+    /// `max_parallel_signing`).
+    pub fn most_parallel_signing(&self) -> usize {
+        self.most_in_flight.load(Ordering::SeqCst)
     }
 
     pub fn policy(&self) -> &DkimPolicy {
@@ -108,7 +149,7 @@ impl DkimSigning {
             }
             Decision::Refuse(reason) => {
                 metrics::counter!("sluice_dkim_messages_total", "result" => "refused").increment(1);
-                return Err(Reply::synthetic(550, EnhancedCode::new(5, 7, 1), &format!("not sent: {reason}")));
+                return Err(synthetic::dkim_refused(&reason));
             }
             Decision::Sign { domain } => domain,
         };
@@ -125,6 +166,7 @@ impl DkimSigning {
         let body = body.clone();
         let signed = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _counted = Signing::start(&this);
             let chunks: Vec<&[u8]> = match &prepend {
                 Some(p) => vec![p.as_bytes(), &body],
                 None => vec![&body],
@@ -141,11 +183,11 @@ impl DkimSigning {
             Ok(Err(e)) => {
                 metrics::counter!("sluice_dkim_messages_total", "result" => "failed").increment(1);
                 tracing::error!(id = %meta.id, error = %e, "DKIM signing failed; the message is retried later");
-                Err(Reply::synthetic(451, EnhancedCode::new(4, 3, 0), &format!("not sent: {e}")))
+                Err(synthetic::dkim_failed(e))
             }
             Err(e) => {
                 tracing::warn!(id = %meta.id, error = %e, "DKIM signing was interrupted; the message is retried later");
-                Err(Reply::synthetic(451, EnhancedCode::new(4, 3, 0), "not sent: DKIM signing was interrupted (shutdown)"))
+                Err(synthetic::dkim_interrupted())
             }
         }
     }
@@ -159,6 +201,85 @@ fn already_signed(prepend: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_spool::{now_ms, MessageId, Recipient};
+
+    fn meta(tenant: &str) -> MessageMeta {
+        let now = now_ms();
+        MessageMeta {
+            id: MessageId::new(),
+            queue: "dest.test".into(),
+            tenant: tenant.into(),
+            mail_from: "news@brand.example".into(),
+            recipients: vec![Recipient::pending("a@dest.test")],
+            x_message_id: "X".into(),
+            smtp_id: "<m@brand.example>".into(),
+            categories: Vec::new(),
+            custom_args: Default::default(),
+            ip_pool: None,
+            created_at: now,
+            due_at: now,
+            expires_at: now + 3_600_000,
+            attempts: 0,
+            last_reply: None,
+            prepend_headers: None,
+        }
+    }
+
+    /// A signer with one RSA-2048 key for brand.example (RSA: the slow signature, so
+    /// signatures overlap whenever the pool lets them).
+    fn signer(dir: &std::path::Path, max_parallel_signing: usize) -> Arc<DkimSigning> {
+        let pem = dir.join(format!("k{max_parallel_signing}.pem"));
+        PrivateKey::generate(KeyAlgorithm::Rsa, 2048).unwrap().write_new(&pem).unwrap();
+        let config = DkimConfig {
+            keys: vec![DkimKeyConfig { domain: "brand.example".into(), selector: "s1".into(), private_key: pem, tenants: vec![] }],
+            max_parallel_signing,
+            ..DkimConfig::default()
+        };
+        Arc::new(DkimSigning::load(&config).unwrap())
+    }
+
+    /// Signs `n` messages at once from as many tasks; returns how many came out signed.
+    async fn sign_many(signer: &Arc<DkimSigning>, n: usize) -> usize {
+        let body = Bytes::from_static(b"From: News <news@brand.example>\r\nTo: a@dest.test\r\nSubject: s\r\n\r\nbody\r\n");
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (signer, body) = (signer.clone(), body.clone());
+                tokio::spawn(async move {
+                    let mut m = meta("apikey:any");
+                    signer.sign_once(&mut m, &body).await.unwrap();
+                    already_signed(m.prepend_headers.as_deref())
+                })
+            })
+            .collect();
+        let mut signed = 0;
+        for t in tasks {
+            signed += usize::from(t.await.unwrap());
+        }
+        signed
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn at_most_max_parallel_signing_signatures_run_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = signer(dir.path(), 1);
+        assert_eq!(sign_many(&one, 48).await, 48);
+        assert_eq!(one.most_parallel_signing(), 1, "max_parallel_signing = 1 lets one signature run at a time");
+        let three = signer(dir.path(), 3);
+        assert_eq!(sign_many(&three, 48).await, 48);
+        assert!((1..=3).contains(&three.most_parallel_signing()), "{}", three.most_parallel_signing());
+        assert_eq!(three.in_flight.load(Ordering::SeqCst), 0, "every signature is counted out again");
+    }
+
+    #[test]
+    fn the_in_flight_count_sees_overlapping_signatures() {
+        let s = DkimSigning::disabled();
+        let a = Signing::start(&s);
+        let b = Signing::start(&s);
+        assert_eq!(s.in_flight.load(Ordering::SeqCst), 2);
+        drop((a, b));
+        let _c = Signing::start(&s);
+        assert_eq!((s.in_flight.load(Ordering::SeqCst), s.most_parallel_signing()), (1, 2));
+    }
 
     #[test]
     fn recognises_an_earlier_signature() {

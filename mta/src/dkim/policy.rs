@@ -244,6 +244,50 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_signs_with_its_own_platform_domain() {
+        // [dkim] itself sends unsigned; two tenants sign with a reseller's platform domain
+        // (written as configured, in any case and with a trailing dot)
+        let mut c = config();
+        c.fallback = Fallback::Unsigned;
+        c.platform_domain = None;
+        c.keys.push(key("reseller.example", &["apikey:reseller", "apikey:own-fallback"]));
+        c.tenants.insert("apikey:reseller".into(), TenantDkimConfig { fallback: Some(Fallback::Platform), platform_domain: Some("Reseller.Example.".into()) });
+        c.tenants.insert("apikey:own-fallback".into(), TenantDkimConfig { fallback: Some(Fallback::Platform), platform_domain: Some("reseller.example".into()) });
+        c.validate().unwrap();
+        let p = DkimPolicy::from_config(&c);
+        let reseller = Decision::Sign { domain: "reseller.example".into() };
+        assert_eq!(p.decide("apikey:reseller", &facts("a@unknown.example")), reseller);
+        assert_eq!(p.decide("apikey:own-fallback", &facts("a@unknown.example")), reseller);
+        assert_eq!(p.decide("apikey:reseller", &HeaderFacts::read(b"Subject: no from\r\n\r\nx")), reseller, "no From: the platform domain still signs");
+        // the From: domain's own key comes first; other tenants keep [dkim]'s fallback
+        assert_eq!(p.decide("apikey:reseller", &facts("a@brand.example")), Decision::Sign { domain: "brand.example".into() });
+        assert_eq!(p.decide("apikey:someone-else", &facts("a@unknown.example")), Decision::Unsigned);
+    }
+
+    #[test]
+    fn a_tenant_inherits_the_platform_fallback_with_its_own_domain() {
+        let mut c = config();
+        c.keys.push(key("reseller.example", &[]));
+        c.tenants.insert("apikey:reseller".into(), TenantDkimConfig { fallback: None, platform_domain: Some("reseller.example".into()) });
+        c.validate().unwrap();
+        let p = DkimPolicy::from_config(&c);
+        assert_eq!(p.decide("apikey:reseller", &facts("a@unknown.example")), Decision::Sign { domain: "reseller.example".into() });
+        assert_eq!(p.decide("apikey:any", &facts("a@unknown.example")), Decision::Sign { domain: "esp.example.net".into() });
+    }
+
+    #[test]
+    fn a_tenant_platform_domain_without_a_key_is_refused_naming_the_tenant() {
+        let mut c = config();
+        c.tenants.insert("smtp:billing".into(), TenantDkimConfig { fallback: Some(Fallback::Platform), platform_domain: Some("nokey.example".into()) });
+        let e = c.validate().unwrap_err();
+        assert_eq!(e, "tenants.\"smtp:billing\".platform_domain: \"nokey.example\" has no key in [[dkim.keys]]");
+        // also when the tenant does not use it yet (fallback unsigned): the config is wrong either way
+        let mut c = config();
+        c.tenants.insert("net:10.1.2.3".into(), TenantDkimConfig { fallback: Some(Fallback::Unsigned), platform_domain: Some("nokey.example".into()) });
+        assert!(c.validate().unwrap_err().starts_with("tenants.\"net:10.1.2.3\".platform_domain:"));
+    }
+
+    #[test]
     fn top_level_domains_never_match() {
         let c = DkimConfig { keys: vec![key("example", &[])], ..DkimConfig::default() };
         // "example" alone is refused by validation; even if configured, "a@x.example" must

@@ -52,6 +52,8 @@ pub struct Bench {
     pub dns: TestDns,
     pub sink: Sink,
     pub spool: Arc<dyn Spool>,
+    /// The same spool, as the suppression list it also is.
+    pub local: Arc<LocalSpool>,
     pub events: EventLog,
     pub events_path: PathBuf,
     pub classifier: Arc<Recording>,
@@ -76,13 +78,15 @@ impl Running {
 impl Bench {
     pub async fn new(sink: SinkConfig) -> Bench {
         let dir = tempfile::tempdir().unwrap();
-        let spool: Arc<dyn Spool> = Arc::new(LocalSpool::open(LocalSpoolOptions::new(dir.path().join("spool"))).unwrap());
+        let local = Arc::new(LocalSpool::open(LocalSpoolOptions::new(dir.path().join("spool"))).unwrap());
+        let spool: Arc<dyn Spool> = local.clone();
         let events_path = dir.path().join("events.jsonl");
         let events = EventLog::open(&events_path).await.unwrap();
         Bench {
             dns: TestDns::start().await.unwrap(),
             sink: Sink::start(sink).await.unwrap(),
             spool,
+            local,
             events,
             events_path,
             classifier: Arc::new(Recording::default()),
@@ -127,7 +131,8 @@ impl Bench {
         Self::run(mta.with_dkim(Arc::new(dkim)))
     }
 
-    fn run(mta: Mta) -> Running {
+    /// Runs an MTA a test built itself.
+    pub fn run(mta: Mta) -> Running {
         let waker = mta.waker();
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(mta.run(cancel.clone()));
