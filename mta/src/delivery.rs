@@ -371,7 +371,6 @@ fn chunk_replies(indices: &[usize], reply: &Reply, stage: Stage) -> Vec<RcptRepl
 
 /// Opens a session with the first host that takes one, in order.
 async fn connect(ctx: &Ctx, hops: &[Hop], source: &Source, tls: TlsMode, deadline: Instant) -> Result<Session, Failure> {
-    let t = &ctx.config.timeouts;
     let mut last: Option<Failure> = None;
     let mut lookup_failure: Option<Reply> = None;
     let mut tried = 0;
@@ -416,7 +415,6 @@ async fn connect(ctx: &Ctx, hops: &[Hop], source: &Source, tls: TlsMode, deadlin
             }
         }
     }
-    let _ = t;
     Err(last.unwrap_or_else(|| {
         let reply = lookup_failure.unwrap_or_else(synthetic::no_host);
         Failure { reply, stage: Stage::Connect, via: Via::default(), try_next: false, tls_handshake: false }
