@@ -1,8 +1,9 @@
 //! Connections: each serves one site (the MX hosts of a destination) of one path (egress
 //! source × provider). It is set up from the path's source with the path's TLS policy, then
 //! takes messages from the site's ready queue and sends them one after another (RSET
-//! between), at the path's message rate, up to its messages per connection and recipients
-//! per transaction, until the queue stays empty for the idle timeout.
+//! between them only when a transaction may still be open), at the path's message rate,
+//! up to its messages per connection and recipients per transaction, until the queue stays
+//! empty for the idle timeout.
 //!
 //! Connection-level trouble (refused, timeout, TLS failure, a 4xx greeting or EHLO) moves
 //! on to the next address and MX host. When none works, the site backs off (1 s, doubling
@@ -39,6 +40,10 @@ struct Session {
     via: Via,
     /// Messages attempted over it so far.
     sent: usize,
+    /// A transaction may still be open on the server: RSET before the next MAIL. Not
+    /// needed after the server answered the final dot, which ends the transaction
+    /// (RFC 5321 §4.1.1.4): that saves a round trip per message.
+    dirty: bool,
 }
 
 /// Why no session could be opened, as the reply every message gets.
@@ -275,7 +280,7 @@ async fn serve(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, session: &mut Sess
                 replies.extend(chunk_replies(&pending[n * per_tx..], &reply, Stage::Mail));
                 break;
             }
-            if session.sent > 0 {
+            if session.dirty {
                 let host = session.via.mx_host.clone().unwrap_or_default();
                 match session.client.command("RSET", t.mail.min(time_left(deadline))).await {
                     Ok(r) if r.class() == 2 => {}
@@ -296,8 +301,9 @@ async fn serve(ctx: &Arc<Ctx>, path: &Arc<Path>, site: &Site, session: &mut Sess
             if wire.is_none() {
                 wire = Some(body::encode_off_reactor(msg.meta.prepend_headers.clone(), msg.body.clone()).await);
             }
-            let (r, b) = transaction(ctx, session, &msg.meta, wire.as_ref().expect("encoded above"), chunk, deadline).await;
+            let (r, b, ended) = transaction(ctx, session, &msg.meta, wire.as_ref().expect("encoded above"), chunk, deadline).await;
             session.sent += 1;
+            session.dirty = !ended;
             path.sent.fetch_add(1, Ordering::Relaxed);
             replies.extend(r);
             if b {
@@ -460,7 +466,7 @@ async fn open(ctx: &Ctx, hop: &Hop, addr: SocketAddr, source: &Source, tls: TlsM
         return Err(fail(synthetic::starttls_missing(host), Stage::StartTls, true));
     }
     let via = Via { mx_host: Some(hop.name.clone()), tls: client.is_tls(), local_ip: Some(client.local_addr().ip()), provider: None };
-    Ok(Session { client, via, sent: 0 })
+    Ok(Session { client, via, sent: 0, dirty: false })
 }
 
 /// EHLO, or HELO when EHLO is refused with 5xx. The error carries the reply and whether
@@ -489,9 +495,10 @@ async fn exchange(client: &mut SmtpClient, pipelined: bool, cmd: &str, timeout: 
 }
 
 /// One transaction: MAIL, RCPT for the recipients at `indices` (into `meta.recipients`),
-/// DATA, body (pipelined when the server allows). Returns the reply each of them got, and
-/// whether the connection is broken afterwards.
-async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire: &WireBody, indices: &[usize], deadline: Instant) -> (Vec<RcptReply>, bool) {
+/// DATA, body (pipelined when the server allows). Returns the reply each of them got,
+/// whether the connection is broken afterwards, and whether no transaction is left open on
+/// the server (nothing was sent, or the final dot was answered).
+async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire: &WireBody, indices: &[usize], deadline: Instant) -> (Vec<RcptReply>, bool, bool) {
     let t = &ctx.config.timeouts;
     let host = session.via.mx_host.clone().unwrap_or_default();
     let caps = session.client.capabilities().clone();
@@ -500,16 +507,16 @@ async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire:
 
     if rcpts.is_empty() {
         // Nothing left to send (every recipient is final): settling completes it.
-        return (Vec::new(), false);
+        return (Vec::new(), false, true);
     }
     let needs_utf8 = !meta.mail_from.is_ascii() || rcpts.iter().any(|(_, a)| !a.is_ascii());
     if needs_utf8 && !caps.smtputf8 {
         let reply = synthetic::smtputf8_unsupported(&host);
-        return (chunk_replies(indices, &reply, Stage::Mail), false);
+        return (chunk_replies(indices, &reply, Stage::Mail), false, true);
     }
     if let Some(limit) = caps.size.filter(|&l| l > 0 && wire.message_size as u64 > l) {
         let reply = synthetic::too_large(wire.message_size, limit, &host);
-        return (chunk_replies(indices, &reply, Stage::Mail), false);
+        return (chunk_replies(indices, &reply, Stage::Mail), false, true);
     }
 
     let mut mail = format!("MAIL FROM:<{}>", meta.mail_from);
@@ -566,7 +573,10 @@ async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire:
             return tx.broken(synthetic::client_failure(&e, &host, "DATA"), Stage::Data);
         }
         return match client.read_reply(wait(t.end_of_data)).await {
-            Ok(_) => tx.finish(),
+            Ok(_) => {
+                tx.ended = true;
+                tx.finish()
+            }
             Err(e) => tx.broken(synthetic::client_failure(&e, &host, "the end of DATA"), Stage::EndOfData),
         };
     }
@@ -574,7 +584,10 @@ async fn transaction(ctx: &Ctx, session: &mut Session, meta: &MessageMeta, wire:
         return tx.broken(synthetic::client_failure(&e, &host, "the message body"), Stage::Data);
     }
     match client.read_reply(wait(t.end_of_data)).await {
-        Ok(r) => tx.end = Some((r, Stage::EndOfData)),
+        Ok(r) => {
+            tx.end = Some((r, Stage::EndOfData));
+            tx.ended = true;
+        }
         Err(e) => return tx.broken(synthetic::client_failure(&e, &host, "the end of DATA"), Stage::EndOfData),
     }
     tx.finish()
@@ -591,21 +604,23 @@ struct Transaction {
     end: Option<(Reply, Stage)>,
     /// Set when the connection failed: the reply for everyone without a better one.
     failure: Option<(Reply, Stage)>,
+    /// The server answered the final dot: the transaction is over on its side too.
+    ended: bool,
 }
 
 impl Transaction {
     fn new(indices: Vec<usize>) -> Self {
-        Transaction { indices, mail: None, rcpt: Vec::new(), end: None, failure: None }
+        Transaction { indices, mail: None, rcpt: Vec::new(), end: None, failure: None, ended: false }
     }
 
-    fn broken(mut self, reply: Reply, stage: Stage) -> (Vec<RcptReply>, bool) {
+    fn broken(mut self, reply: Reply, stage: Stage) -> (Vec<RcptReply>, bool, bool) {
         self.failure = Some((reply, stage));
         self.finish()
     }
 
     /// MAIL refused: everyone gets that. Otherwise a refused RCPT keeps its reply, and the
     /// accepted ones get the DATA or end-of-data reply; a broken connection fills the gaps.
-    fn finish(self) -> (Vec<RcptReply>, bool) {
+    fn finish(self) -> (Vec<RcptReply>, bool, bool) {
         let closing = |r: &Reply| r.code == 421;
         let broken = self.failure.is_some()
             || self.mail.as_ref().is_some_and(closing)
@@ -629,7 +644,7 @@ impl Transaction {
                 RcptReply { index, reply, stage }
             })
             .collect();
-        (replies, broken)
+        (replies, broken, self.ended)
     }
 }
 
@@ -646,7 +661,7 @@ mod tests {
         let mut tx = Transaction::new(vec![0, 2]);
         tx.mail = Some(r("550 5.7.1 sender blocked"));
         tx.rcpt = vec![r("503 5.5.1 no"), r("503 5.5.1 no")];
-        let (replies, broken) = tx.finish();
+        let (replies, broken, _) = tx.finish();
         assert!(!broken);
         assert!(replies.iter().all(|x| x.reply.code == 550 && x.stage == Stage::Mail));
         assert_eq!(replies.iter().map(|x| x.index).collect::<Vec<_>>(), [0, 2]);
@@ -658,7 +673,7 @@ mod tests {
         tx.mail = Some(r("250 ok"));
         tx.rcpt = vec![r("250 ok"), r("550 5.1.1 unknown"), r("451 4.7.1 later")];
         tx.end = Some((r("250 2.0.0 queued"), Stage::EndOfData));
-        let (replies, _) = tx.finish();
+        let (replies, _, _) = tx.finish();
         let got: Vec<(u16, Stage)> = replies.iter().map(|x| (x.reply.code, x.stage)).collect();
         assert_eq!(got, [(250, Stage::EndOfData), (550, Stage::Rcpt), (451, Stage::Rcpt)]);
     }
@@ -668,7 +683,7 @@ mod tests {
         let mut tx = Transaction::new(vec![0, 1, 2]);
         tx.mail = Some(r("250 ok"));
         tx.rcpt = vec![r("550 5.1.1 unknown"), r("250 ok")];
-        let (replies, broken) = tx.broken(r("421 4.4.2 gone"), Stage::Rcpt);
+        let (replies, broken, _) = tx.broken(r("421 4.4.2 gone"), Stage::Rcpt);
         assert!(broken);
         let got: Vec<u16> = replies.iter().map(|x| x.reply.code).collect();
         assert_eq!(got, [550, 421, 421]);
