@@ -151,14 +151,19 @@ async fn subject_is_required_at_the_top_or_in_every_personalization() {
 }
 
 #[tokio::test]
-async fn a_template_id_stands_in_for_subject_and_content() {
-    accepted(with(minimal(), |b| {
+async fn a_template_id_is_refused_with_one_error_on_it() {
+    let r = rejected(with(minimal(), |b| {
         let o = b.as_object_mut().unwrap();
         o.remove("subject");
         o.remove("content");
         o.insert("template_id".into(), json!("d-0123456789abcdef"));
     }))
     .await;
+    assert!(r.error_on("template_id").contains("does not store or render templates"));
+    assert_eq!(r.errors().len(), 1, "only the template error, not missing subject and content: {:?}", r.errors());
+
+    let r = rejected(with(minimal(), |b| b["template_id"] = json!("d-0123456789abcdef"))).await;
+    assert!(r.error_on("template_id").contains("send it as subject and content"));
 }
 
 #[tokio::test]

@@ -106,8 +106,7 @@ pub struct MailSendRequest {
     pub subject: Option<String>,
     pub content: Option<Vec<Obj<Content>>>,
     pub attachments: Option<Vec<Obj<Attachment>>>,
-    /// sluice does not render templates; a template id only relaxes the subject and
-    /// content requirements, as it does at SendGrid.
+    /// sluice has no templates: a request naming one is refused (400 on `template_id`).
     pub template_id: Option<String>,
     pub headers: Option<BTreeMap<String, String>>,
     pub categories: Option<Vec<String>>,

@@ -143,6 +143,15 @@ impl Validator {
 
     fn check(&mut self, req: MailSendRequest) -> MailPlan {
         let has_template = req.template_id.as_deref().is_some_and(|t| !t.trim().is_empty());
+        if has_template {
+            // Accepting it would deliver whatever subject and content came with the request,
+            // possibly none, to every recipient. The template's absence still relaxes the
+            // subject and content checks below, so this is the one error such a request gets.
+            self.err(
+                "template_id",
+                "sluice does not store or render templates: render the message yourself and send it as subject and content, without template_id.",
+            );
+        }
 
         let from = match &req.from {
             None => {
