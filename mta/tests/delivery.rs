@@ -327,6 +327,37 @@ async fn vendor_enhanced_codes_reach_the_classifier_intact() {
 }
 
 #[tokio::test]
+async fn rset_only_after_a_transaction_the_server_did_not_end() {
+    // One connection, three messages in due order: delivered, MAIL refused, delivered.
+    // After a final dot was answered the transaction is over (no RSET); after a refused
+    // MAIL sluice cannot tell, so it sends RSET once, before the third.
+    let scenario = Scenario::accept_all().rule(Rule::at(Stage::Mail).when(Match::Sender("blocked@origin.test".into())).reply("451 4.7.0 Sender temporarily blocked"));
+    let bench = Bench::new(SinkConfig { scenario, ..SinkConfig::default() }).await;
+    bench.mx_to_sink("dest.test");
+    let now = sluice_spool::now_ms();
+    let mut batch = Vec::new();
+    for (i, (rcpt, sender)) in [("a@dest.test", "sender@origin.test"), ("b@dest.test", "blocked@origin.test"), ("c@dest.test", "sender@origin.test")].into_iter().enumerate() {
+        let mut m = common::message("dest.test", &[rcpt], "Subject: s\r\n\r\nb\r\n");
+        m.meta.mail_from = sender.into();
+        m.meta.due_at = now - 3_000 + 1_000 * i as u64;
+        batch.push(m);
+    }
+    bench.spool.enqueue(batch).await.unwrap();
+    let mut config = bench.config();
+    config.max_connections_per_path = 1;
+    let mta = bench.start(config);
+    let events = bench.events(3).await;
+    mta.stop().await;
+
+    let event = |email: &str| events.iter().find(|e| e["email"] == email).unwrap()["event"].clone();
+    assert_eq!([event("a@dest.test"), event("b@dest.test"), event("c@dest.test")], ["delivered", "deferred", "delivered"]);
+    let stats = bench.sink.stats();
+    assert_eq!(stats.connections, 1, "all three over one connection");
+    assert_eq!(stats.messages, 2);
+    assert_eq!(stats.rsets, 1, "RSET only after the refused MAIL");
+}
+
+#[tokio::test]
 async fn transaction_replies_apply_to_every_recipient() {
     let scenario = Scenario::accept_all()
         .rule(Rule::at(Stage::EndOfData).when(Match::Domain("spam.test".into())).reply("554 5.7.1 Message rejected as spam"))

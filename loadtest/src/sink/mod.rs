@@ -110,6 +110,8 @@ pub struct SinkStats {
     pub duplicates: u64,
     /// Connections and messages refused by the [`Limits`].
     pub limited: u64,
+    /// RSET commands received.
+    pub rsets: u64,
     /// Commands received, per stage (`connect` counts connections that got this far).
     pub commands: HashMap<Stage, u64>,
     /// Replies sent, per stage and code.

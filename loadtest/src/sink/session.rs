@@ -351,6 +351,7 @@ impl Session {
             }
             Request::Rset => {
                 self.txn = None;
+                shared.count(|s| s.rsets += 1);
                 queue(&mut self.out, &reply(250, "2.0.0 Ok"));
                 Ok(Flow::Continue)
             }
