@@ -422,6 +422,9 @@ async fn a_rule_triggered_suspension_stops_delivery_for_its_duration_then_resume
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
+    // A lease that began just before the suspension may still finish (and hand its mail
+    // back): count from when the suspension is in effect, not from the instant it was seen.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let connections_at_start = sink.stats().connections;
     let leases_at_start = isps.spool.leases_of(&ids);
     // Meanwhile another provider gets its mail.
