@@ -42,7 +42,12 @@ pub fn run(
     }
     config.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;
-    runtime.block_on(serve(config))
+    let result = runtime.block_on(serve(config));
+    // Tasks the runtime still held may drop the last RADOS handle now.
+    drop(runtime);
+    #[cfg(feature = "rados")]
+    sluice_spool::rados::join_shutdowns();
+    result
 }
 
 /// The spool plus what must happen to it at shutdown.

@@ -73,6 +73,20 @@ thread_local! {
     static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Shutdown threads started from completion callbacks. A process must not exit while one
+/// runs: exit tears down librados' static state under it, and the C++ exception that follows
+/// aborts the process (seen once as SIGABRT right after a clean stop).
+static SHUTDOWNS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Waits for every cluster shutdown handed to a thread of its own. Call before the process
+/// exits, after the last spool handle is gone.
+pub fn join_shutdowns() {
+    let threads = std::mem::take(&mut *SHUTDOWNS.lock().unwrap_or_else(|e| e.into_inner()));
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         struct Handles(ffi::rados_t, ffi::rados_ioctx_t);
@@ -91,8 +105,9 @@ impl Drop for Cluster {
         // reference can go in a completion callback): hand it to a thread of its own then.
         // Everywhere else shut down right here, so nothing is left running at process exit.
         if IN_CALLBACK.with(|c| c.get()) {
-            if std::thread::Builder::new().name("rados-shutdown".into()).spawn(shutdown).is_err() {
-                tracing::error!("rados: could not start the shutdown thread; leaking the cluster handle");
+            match std::thread::Builder::new().name("rados-shutdown".into()).spawn(shutdown) {
+                Ok(t) => SHUTDOWNS.lock().unwrap_or_else(|e| e.into_inner()).push(t),
+                Err(_) => tracing::error!("rados: could not start the shutdown thread; leaking the cluster handle"),
             }
         } else {
             shutdown();

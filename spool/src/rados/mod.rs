@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-pub use client::{ConnectOptions, RadosError};
+pub use client::{join_shutdowns, ConnectOptions, RadosError};
 use client::{OmapQuery, Rados, WriteOp};
 use layout::*;
 use shards::Ownership;
